@@ -1,0 +1,121 @@
+"""What the machine running a trial can do, and a fingerprint stored with every measurement."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def _cpu_model_and_flags() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags = set(value.split())
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+_INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
+                      "avx_vnni", "fma", "asimd", "sve")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Hardware and backend support, used by strategies to offer only what can run here."""
+
+    device: str  # "cpu" or "cuda"
+    cpu_model: str
+    cpu_flags: tuple[str, ...]
+    quantized_engines: tuple[str, ...]
+    cuda: bool
+    gpu_name: str | None = None
+    gpu_capability: tuple[int, int] | None = None
+    gpu_bf16: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def x86(self) -> bool:
+        return platform.machine().lower() in ("x86_64", "amd64", "i686")
+
+    @property
+    def cpu_bf16(self) -> bool:
+        """bf16 matmuls have native support (AVX512-BF16 or AMX); elsewhere they are emulated and slow."""
+        return bool({"avx512_bf16", "amx_bf16"} & set(self.cpu_flags))
+
+    @property
+    def int8_engine(self) -> str | None:
+        """The torch.ao quantized engine for this CPU ("x86" on x86 with VNNI/AVX2, "qnnpack" on ARM)."""
+        for engine in ("x86", "fbgemm", "onednn", "qnnpack"):
+            if engine in self.quantized_engines and (self.x86 or engine == "qnnpack"):
+                return engine
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=4)
+def detect(device: str = "auto") -> Capabilities:
+    """Probe the hardware. Never initialises CUDA unless the device is "cuda" or "auto" with a GPU."""
+    import torch
+
+    model, flags = _cpu_model_and_flags()
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        from optagent.errors import UserError
+
+        raise UserError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    gpu_name = gpu_cap = None
+    gpu_bf16 = False
+    if want_cuda:
+        gpu_name = torch.cuda.get_device_name(0)
+        gpu_cap = tuple(torch.cuda.get_device_capability(0))
+        gpu_bf16 = bool(torch.cuda.is_bf16_supported())
+    return Capabilities(
+        device="cuda" if want_cuda else "cpu",
+        cpu_model=model,
+        cpu_flags=tuple(sorted(f for f in flags if f in _INTERESTING_FLAGS)),
+        quantized_engines=tuple(torch.backends.quantized.supported_engines),
+        cuda=want_cuda,
+        gpu_name=gpu_name,
+        gpu_capability=gpu_cap,  # type: ignore[arg-type]
+        gpu_bf16=gpu_bf16,
+    )
+
+
+def fingerprint(threads: int, caps: Capabilities | None = None) -> dict[str, Any]:
+    """The facts that make two latency figures comparable (or not); stored with every trial."""
+    import torch
+
+    caps = caps or detect()
+    fp: dict[str, Any] = {
+        "host": platform.node(),
+        "cpu_model": caps.cpu_model,
+        "cpu_flags": list(caps.cpu_flags),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": caps.device,
+        "python": platform.python_version(),
+    }
+    if caps.cuda:
+        fp.update(gpu=caps.gpu_name, gpu_capability=list(caps.gpu_capability or ()),
+                  cuda=torch.version.cuda, cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+        try:
+            fp["driver"] = torch.cuda.get_device_properties(0).name  # the driver version is not in torch
+        except Exception:  # pragma: no cover - GPU only
+            pass
+    return fp

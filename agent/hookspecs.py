@@ -1,0 +1,80 @@
+"""Every hook optagent calls, in one module. Built-in plugins implement exactly these hooks.
+
+A plugin is a module or object with functions decorated by ``optagent.hookimpl`` whose names match the
+specs below. Plugins are found through the ``optagent`` entry-point group (see docs/plugins.md).
+Hooks that receive job or trial data receive plain JSON-compatible dicts, so a plugin never depends on
+optagent's storage classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from optagent.metrics import Metric
+    from optagent.strategy import Strategy
+
+PROJECT = "optagent"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def optagent_register_strategies(register: Callable[[Strategy], None]) -> None:
+    """Register optimization strategies.
+
+    Called once when the plugin manager builds its registry (in the CLI, the coordinator and every
+    worker). Call ``register(strategy)`` once per `optagent.Strategy` instance the plugin provides.
+    Strategy names are global: two plugins registering the same name is an error that names both.
+    Returns nothing.
+    """
+
+
+@hookspec
+def optagent_register_metrics(register: Callable[[Metric], None]) -> None:
+    """Register metrics measured on every trial's final model (and usable as objectives).
+
+    Called once when the registry is built. Call ``register(metric)`` with an `optagent.Metric`: a name,
+    a default direction, a unit, a description and ``compute(model, trial_context, example_batch)``
+    returning a float. Metric names share one namespace with the model file's evaluation metrics and
+    the built-in latency figures. Returns nothing.
+    """
+
+
+@hookspec
+def optagent_job_started(job: dict[str, Any]) -> None:
+    """Called by the coordinator once a job's study is set up, before the baseline trial runs.
+
+    `job` holds ``id``, ``name``, ``model_path``, ``model_hash`` and ``config`` (objectives,
+    constraints, strategies, budget). Use it to open a run in an experiment tracker. Returns nothing.
+    """
+
+
+@hookspec
+def optagent_trial_started(job: dict[str, Any], trial: dict[str, Any]) -> None:
+    """Called by the coordinator when a trial is dispatched to a worker.
+
+    `trial` holds ``number`` and ``params`` (by strategy name). Returns nothing; must be quick, since
+    the coordinator waits for it.
+    """
+
+
+@hookspec
+def optagent_trial_finished(job: dict[str, Any], trial: dict[str, Any]) -> None:
+    """Called by the coordinator after a trial's result is stored.
+
+    `trial` holds ``number``, ``state`` (``complete`` or ``failed``), ``params``, ``metrics``,
+    ``feasible``, ``failure_reason``, ``duration_s`` and ``worker``. Returns nothing.
+    """
+
+
+@hookspec
+def optagent_job_finished(job: dict[str, Any], pareto: list[dict[str, Any]]) -> None:
+    """Called by the coordinator when a job ends (completed, failed or cancelled).
+
+    `job` includes its final ``status``; `pareto` lists the Pareto-optimal trials as in
+    ``optagent pareto --json``. Returns nothing.
+    """

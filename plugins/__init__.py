@@ -1,0 +1,9 @@
+"""Built-in strategies and metrics. Each is a plugin using the same hooks a third party uses."""
+
+DEFAULT_PLUGINS = (
+    "optagent.plugins.pruning",
+    "optagent.plugins.finetune",
+    "optagent.plugins.quantization",
+    "optagent.plugins.batch_size",
+    "optagent.plugins.metrics",
+)
