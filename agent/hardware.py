@@ -95,6 +95,21 @@ def detect(device: str = "auto") -> Capabilities:
     )
 
 
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version (torch does not expose it); None where nvidia-smi is absent."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
 def fingerprint(threads: int, caps: Capabilities | None = None) -> dict[str, Any]:
     """The facts that make two latency figures comparable (or not); stored with every trial."""
     import torch
@@ -114,8 +129,5 @@ def fingerprint(threads: int, caps: Capabilities | None = None) -> dict[str, Any
     if caps.cuda:
         fp.update(gpu=caps.gpu_name, gpu_capability=list(caps.gpu_capability or ()),
                   cuda=torch.version.cuda, cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
-        try:
-            fp["driver"] = torch.cuda.get_device_properties(0).name  # the driver version is not in torch
-        except Exception:  # pragma: no cover - GPU only
-            pass
+        fp["driver"] = _nvidia_driver()
     return fp
