@@ -1,0 +1,481 @@
+"""The search coordinator: the one process that calls Optuna ask/tell and writes the database.
+
+Workers (local processes or Celery) only compute: a JSON payload in, a JSON result out. Keeping a single
+writer makes SQLite safe, keeps the sampler's state in one place (Optuna does not store it) and makes
+failure handling explicit: a result is told once (`skip_if_finished`), a crashed trial is failed with its
+reason, and the coordinator itself can be restarted (`optagent resume`) from what the database holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optagent import pareto
+from optagent.errors import UserError
+from optagent.executors import Executor
+from optagent.hardware import Capabilities
+from optagent.registry import Registry
+from optagent.storage import Job, Trial, get_trial, job_trials, utcnow
+from optagent.strategy import Objective, SpaceContext, flatten, suggest
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class JobConfig:
+    """Everything that defines a job; stored as JSON on the job row (secrets never included)."""
+
+    model_path: str
+    objectives: list[str] = field(default_factory=lambda: ["accuracy:max", "latency_ms:min"])
+    strategies: list[str] = field(default_factory=list)
+    n_trials: int | None = 20
+    timeout_s: float | None = None
+    max_accuracy_drop: float = 0.01
+    constraint_metric: str = "accuracy"
+    sampler: str = "tpe"
+    seed: int = 0
+    workers: int = 1
+    threads: int = 1
+    device: str = "auto"
+    measure: dict[str, Any] = field(default_factory=dict)
+    trial_timeout_s: float | None = 1800.0
+    executor: str = "local"  # "local" | "celery"
+    queue: str = "optagent"
+    max_attempts: int = 3
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobConfig:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def parsed_objectives(self) -> tuple[Objective, ...]:
+        return tuple(Objective.parse(o) for o in self.objectives)
+
+
+def make_sampler(cfg: JobConfig) -> optuna.samplers.BaseSampler:
+    """A fresh sampler (Optuna does not persist samplers, so resume rebuilds it from the config)."""
+
+    def constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+        return list(trial.user_attrs.get("constraints", [0.0]))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if cfg.sampler == "tpe":
+            startup = max(4, min(10, (cfg.n_trials or 40) // 4))
+            return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup, multivariate=True,
+                                              group=True, constant_liar=True, constraints_func=constraints)
+        if cfg.sampler == "nsga2":
+            population = max(8, min(50, (cfg.n_trials or 200) // 4))
+            return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population,
+                                                 constraints_func=constraints)
+        if cfg.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=cfg.seed)
+    raise UserError(f"unknown sampler {cfg.sampler!r}; use tpe, nsga2 or random")
+
+
+def optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 30}}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def trial_dict(t: Trial) -> dict[str, Any]:
+    """The JSON view of a trial used by hooks, --json output and reports."""
+    return {
+        "number": t.number, "state": t.state, "recipe": t.recipe, "params": t.params, "metrics": t.metrics, "values": t.values,
+        "feasible": t.feasible, "on_front": t.on_front, "failure_reason": t.failure_reason, "notes": t.notes,
+        "duration_s": t.duration_s, "worker": t.worker, "hardware": t.hardware,
+    }
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id, "name": job.name, "status": job.status, "model_path": job.model_path,
+        "model_hash": job.model_hash, "config": job.config, "error": job.error,
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }
+
+
+def create_job(engine: Engine, cfg: JobConfig, name: str | None, model_hash: str) -> Job:
+    with Session(engine) as session:
+        if name and session.exec(_select_job_by_name(name)).first() is not None:
+            raise UserError(f"a job named {name!r} already exists; pick another --name or `optagent resume {name}`")
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        job = Job(name=name or f"{Path(cfg.model_path).stem}-{stamp}", study_name="", model_path=cfg.model_path,
+                  model_hash=model_hash, config=cfg.to_json(), status="pending")
+        session.add(job)
+        session.commit()
+        session.refresh(job)
+        if session.exec(_select_job_by_name(job.name)).all().__len__() > 1:  # pragma: no cover - race
+            raise UserError(f"job name {job.name!r} is taken; pass --name")
+        job.study_name = f"optagent-{job.id}-{job.name}"
+        session.add(job)
+        session.commit()
+        session.refresh(job)
+        return job
+
+
+def _select_job_by_name(name: str) -> Any:
+    from sqlmodel import select
+
+    return select(Job).where(Job.name == name)
+
+
+class Coordinator:
+    """Runs (or resumes) one job to the end of its budget."""
+
+    HEARTBEAT_S = 5.0
+
+    def __init__(self, engine: Engine, url: str, job_id: int, registry: Registry, executor: Executor,
+                 on_event: EventSink | None = None, hooks: Any = None):
+        self.engine, self.registry, self.executor = engine, registry, executor
+        self.on_event = on_event or (lambda kind, data: None)
+        self.hooks = hooks if hooks is not None else registry.pm.hook
+        with Session(engine) as s:
+            job = s.get(Job, job_id)
+            if job is None:  # pragma: no cover - callers pass ids they just read
+                raise UserError(f"no job with id {job_id}")
+            self.job_id, self.job_name, self.study_name = job_id, job.name, job.study_name
+            self.model_path, self.model_hash = job.model_path, job.model_hash
+        self.cfg = JobConfig.from_json(self._job().config)
+        self.objectives = self.cfg.parsed_objectives
+        self.strategies = [registry.strategy(name) for name in self.cfg.strategies]
+        self.study = optuna.create_study(
+            storage=optuna_storage(url), study_name=self.study_name, load_if_exists=True,
+            directions=[o.direction for o in self.objectives], sampler=make_sampler(self.cfg))
+        self.study.set_metric_names([o.metric for o in self.objectives])
+        self._front: dict[int, list[float]] = {}
+        self._live: dict[int, optuna.trial.Trial] = {}
+        self._last_beat = 0.0
+        self._source_b64: str | None = None
+        self.space: SpaceContext | None = None
+        self.baseline: dict[str, float] | None = None
+
+    # -- small helpers --------------------------------------------------------------------------------
+    def _job(self) -> Job:
+        with Session(self.engine) as s:
+            job = s.get(Job, self.job_id)
+            assert job is not None
+            return job
+
+    def _update_job(self, **changes: Any) -> Job:
+        with Session(self.engine) as s:
+            job = s.get(Job, self.job_id)
+            assert job is not None
+            for key, value in changes.items():
+                setattr(job, key, value)
+            s.add(job)
+            s.commit()
+            s.refresh(job)
+            return job
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        try:
+            self.on_event(kind, data)
+        except Exception:  # progress output must never stop a search
+            log.debug("progress sink failed", exc_info=True)
+
+    def _payload(self, number: int, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        model: dict[str, Any] = {"path": self.model_path, "sha256": self.model_hash, "source_b64": None}
+        if self.cfg.executor != "local":
+            if self._source_b64 is None:
+                self._source_b64 = base64.b64encode(Path(self.model_path).read_bytes()).decode()
+            model["source_b64"] = self._source_b64
+        return {
+            "trial": number, "job": {"id": self.job_id, "name": self.job_name}, "model": model,
+            "params": params, "strategies": list(self.cfg.strategies), "objectives": list(self.cfg.objectives),
+            "seed": self.cfg.seed + number, "threads": self.cfg.threads, "device": self.cfg.device,
+            "measure": self.cfg.measure, "exclusive_measure": self.cfg.executor == "local" and self.cfg.workers > 1,
+            "time_limit_s": self.cfg.trial_timeout_s, "max_attempts": self.cfg.max_attempts,
+        }
+
+    def _beat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_beat > self.HEARTBEAT_S:
+            self._last_beat = now
+            job = self._update_job(heartbeat_at=utcnow())
+            if job.status == "cancelling":
+                raise _Cancelled()
+
+    # -- the baseline ---------------------------------------------------------------------------------
+    def _run_baseline(self) -> None:
+        """Trial 0: every strategy off, measured exactly like every other trial; then added to the study."""
+        with Session(self.engine) as s:
+            row = get_trial(s, self.job_id, 0)
+        if row is None or row.state != "complete":
+            self._store_dispatch(0, {})
+            self.executor.submit(0, self._payload(0, {}))
+            self._emit("baseline_started")
+            result = None
+            while result is None:
+                for outcome in self.executor.poll(1.0):
+                    if outcome.number == 0:
+                        result = outcome.result
+                self._beat()
+            if result["state"] != "complete":
+                reason = result.get("failure_reason") or "unknown"
+                self._store_result(0, result, values=None, feasible=None)
+                raise UserError(f"the baseline trial failed: {reason}; fix the model file (try `optagent check "
+                                f"{self.model_path}`)")
+            self._setup_space(result)
+            values = self._objective_values(result["metrics"])
+            self._store_result(0, result, values=values, feasible=True)
+        else:
+            self._setup_space({"capabilities": row.hardware.get("capabilities"),
+                               "model_info": row.hardware.get("model_info"), "metrics": row.metrics})
+            values = row.values
+        assert self.baseline is not None and values is not None and self.space is not None
+        if not any(t.number == 0 or t.user_attrs.get("optagent_number") == 0 for t in self.study.get_trials()):
+            off = {s.name: s.off_params(self.space) for s in self.strategies}
+            dists = {f"{s.name}.{p.name}": p.distribution for s in self.strategies
+                     for p in s.search_space(self.space)}
+            flat = {k: v for k, v in flatten(off).items() if k in dists}
+            self.study.add_trial(optuna.trial.create_trial(
+                params=flat, distributions={k: dists[k] for k in flat}, values=values,
+                user_attrs={"optagent_number": 0, "baseline": True, "constraints": [0.0]},
+                system_attrs={"constraints": [0.0]}))
+        self._update_front(0, values)
+        self._emit("baseline", metrics=self.baseline)
+
+    def _setup_space(self, result: dict[str, Any]) -> None:
+        metrics = result["metrics"]
+        missing = [o.metric for o in self.objectives if o.metric not in metrics]
+        if self.cfg.constraint_metric not in metrics and self.cfg.max_accuracy_drop is not None:
+            missing.append(self.cfg.constraint_metric)
+        if missing:
+            known = ", ".join(sorted(metrics))
+            raise UserError(f"metric {', '.join(dict.fromkeys(missing))} is not measured; measured metrics: {known}; "
+                            "pick objectives/--constraint-metric from these")
+        self.baseline = {k: float(v) for k, v in metrics.items()}
+        caps = Capabilities(**{**result["capabilities"], "cpu_flags": tuple(result["capabilities"]["cpu_flags"]),
+                               "quantized_engines": tuple(result["capabilities"]["quantized_engines"]),
+                               "gpu_capability": tuple(result["capabilities"]["gpu_capability"])
+                               if result["capabilities"].get("gpu_capability") else None})
+        info = result.get("model_info") or {}
+        self.space = SpaceContext(capabilities=caps, objectives=self.objectives,
+                                  default_batch_size=int(info.get("default_batch_size", 1)),
+                                  has_conv=bool(info.get("has_conv", True)),
+                                  has_linear=bool(info.get("has_linear", True)))
+
+    # -- objectives, constraints, the front --------------------------------------------------------------
+    def _objective_values(self, metrics: dict[str, float]) -> list[float] | None:
+        try:
+            return [float(metrics[o.metric]) for o in self.objectives]
+        except KeyError:
+            return None
+
+    def _constraint(self, metrics: dict[str, float]) -> float:
+        """<= 0 when feasible: the constraint metric may drop at most max_accuracy_drop below the baseline."""
+        assert self.baseline is not None
+        if self.cfg.max_accuracy_drop is None:
+            return 0.0
+        floor = self.baseline[self.cfg.constraint_metric] - self.cfg.max_accuracy_drop
+        return floor - float(metrics[self.cfg.constraint_metric])
+
+    def _update_front(self, number: int, values: list[float]) -> set[int]:
+        """Incremental Pareto update (O(front size)); returns trial numbers whose flag changed."""
+        signs = [1.0 if o.direction == "maximize" else -1.0 for o in self.objectives]
+        changed = pareto.insert(self._front, number, values, signs)
+        if changed:
+            with Session(self.engine) as s:
+                for n in changed:
+                    row = get_trial(s, self.job_id, n)
+                    if row is not None:
+                        row.on_front = n in self._front
+                        s.add(row)
+                s.commit()
+        return changed
+
+    # -- storage of trials ------------------------------------------------------------------------------
+    def _recipe(self, params: dict[str, Any]) -> str:
+        if self.space is None or not params:
+            return "baseline"
+        parts = []
+        for strategy in self.strategies:
+            p = params.get(strategy.name)
+            if p and not strategy.is_off(p, self.space):
+                parts.append(f"{strategy.name}({' '.join(str(v) for v in p.values())})")
+        return " + ".join(parts) or "baseline"
+
+    def _store_dispatch(self, number: int, params: dict[str, Any]) -> None:
+        with Session(self.engine) as s:
+            row = get_trial(s, self.job_id, number) or Trial(job_id=self.job_id, number=number)
+            row.state, row.params, row.recipe = "running", params, self._recipe(params)
+            s.add(row)
+            s.commit()
+
+    def _store_result(self, number: int, result: dict[str, Any], values: list[float] | None,
+                      feasible: bool | None) -> Trial:
+        with Session(self.engine) as s:
+            row = get_trial(s, self.job_id, number) or Trial(job_id=self.job_id, number=number)
+            row.state = "complete" if result["state"] == "complete" else "failed"
+            row.metrics, row.samples, row.values = result.get("metrics", {}), result.get("samples", {}), values
+            row.feasible, row.failure_reason = feasible, result.get("failure_reason")
+            row.notes, row.duration_s = result.get("notes", []), result.get("duration_s")
+            hardware = dict(result.get("hardware") or {})
+            if result.get("capabilities"):
+                hardware["capabilities"] = result["capabilities"]
+            if result.get("model_info"):
+                hardware["model_info"] = result["model_info"]
+            row.hardware, row.worker, row.finished_at = hardware, result.get("worker", {}), utcnow()
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def _ask(self) -> None:
+        assert self.space is not None
+        trial = self.study.ask()
+        params = {s.name: suggest(trial, s, self.space) for s in self.strategies}
+        trial.set_user_attr("optagent_number", trial.number)
+        self._live[trial.number] = trial
+        self._store_dispatch(trial.number, params)
+        self.executor.submit(trial.number, self._payload(trial.number, params))
+        self._emit("trial_started", number=trial.number, params=params)
+        self.hooks.optagent_trial_started(job=job_dict(self._job()), trial={"number": trial.number, "params": params})
+
+    def _tell(self, number: int, result: dict[str, Any]) -> None:
+        with Session(self.engine) as s:
+            row = get_trial(s, self.job_id, number)
+            if row is not None and row.state in ("complete", "failed"):
+                return  # a duplicate (redelivered) result: the first one counts
+        metrics = result.get("metrics", {})
+        values = self._objective_values(metrics) if result["state"] == "complete" else None
+        if result["state"] == "complete" and values is None:
+            missing = [o.metric for o in self.objectives if o.metric not in metrics]
+            result = {**result, "state": "failed", "failure_reason": f"objective metric {', '.join(missing)} missing"}
+        trial_ref: Any = self._live.pop(number, number)
+        feasible = None
+        if values is not None:
+            c = self._constraint(metrics)
+            feasible = c <= 0
+            self.study._storage.set_trial_user_attr(_trial_id(self.study, trial_ref), "constraints", [c])
+            self.study.tell(trial_ref, values, skip_if_finished=True)
+        else:
+            self.study._storage.set_trial_user_attr(_trial_id(self.study, trial_ref), "failure_reason",
+                                                    str(result.get("failure_reason"))[:1000])
+            self.study.tell(trial_ref, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        row = self._store_result(number, result, values, feasible)
+        if feasible and values is not None:
+            self._update_front(number, values)
+            row.on_front = number in self._front
+        self._emit("trial_finished", trial=trial_dict(row), counts=self.counts())
+        self.hooks.optagent_trial_finished(job=job_dict(self._job()), trial=trial_dict(row))
+
+    def counts(self) -> dict[str, int]:
+        with Session(self.engine) as s:
+            rows = job_trials(s, self.job_id)
+        searched = [r for r in rows if r.number > 0]
+        return {"complete": sum(r.state == "complete" for r in searched),
+                "failed": sum(r.state == "failed" for r in searched),
+                "running": len(self.executor.in_flight()), "budget": self.cfg.n_trials or 0,
+                "front": len(self._front)}
+
+    def _resubmit_in_flight(self) -> None:
+        """After a coordinator restart: send again every trial the database says was dispatched."""
+        with Session(self.engine) as s:
+            rows = [r for r in job_trials(s, self.job_id) if r.number > 0]
+        for row in rows:
+            if row.state in ("running", "queued"):
+                self.executor.submit(row.number, self._payload(row.number, row.params))
+            elif row.state == "complete" and row.feasible and row.values is not None:
+                self._update_front(row.number, row.values)
+        frozen = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        for row in rows:
+            t = frozen.get(row.number)
+            if t is not None and t.state == optuna.trial.TrialState.RUNNING and row.state in ("complete", "failed"):
+                # the result was stored but the tell was lost: finish the Optuna side now
+                if row.values is not None:
+                    self.study.tell(row.number, row.values, skip_if_finished=True)
+                else:
+                    self.study.tell(row.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+    def run(self) -> Job:
+        job = self._update_job(status="running", started_at=self._job().started_at or utcnow(), error=None)
+        self.hooks.optagent_job_started(job=job_dict(job))
+        deadline = time.monotonic() + self.cfg.timeout_s if self.cfg.timeout_s else None
+        status, error = "completed", None
+        try:
+            self._run_baseline()
+            self._resubmit_in_flight()
+            budget = self.cfg.n_trials
+            while True:
+                self._beat()
+                c = self.counts()
+                finished = c["complete"] + c["failed"]
+                inflight = self.executor.in_flight()
+                out_of_time = deadline is not None and time.monotonic() >= deadline
+                if (budget is not None and finished >= budget) or (out_of_time and not inflight):
+                    break
+                while (not out_of_time and len(inflight) < self.executor.capacity
+                       and (budget is None or finished + len(inflight) < budget)):
+                    self._ask()
+                    inflight = self.executor.in_flight()
+                for outcome in self.executor.poll(0.5):
+                    self._tell(outcome.number, outcome.result)
+        except _Cancelled:
+            status, error = "cancelled", "cancelled by `optagent cancel`"
+            self._abandon_in_flight("cancelled")
+        except KeyboardInterrupt:
+            status, error = "interrupted", "interrupted; `optagent resume` continues it"
+            self._abandon_in_flight("interrupted")
+        except UserError as exc:
+            status, error = "failed", str(exc)
+            self._abandon_in_flight("failed")
+        finally:
+            self.executor.close()
+        job = self._update_job(status=status, error=error, finished_at=utcnow())
+        front = [trial_dict(t) for t in self.pareto_rows()]
+        self.hooks.optagent_job_finished(job=job_dict(job), pareto=front)
+        self._emit("job_finished", job=job_dict(job), pareto=front)
+        if status == "failed":
+            raise UserError(error or "the job failed")
+        return job
+
+    def _abandon_in_flight(self, state: str) -> None:
+        self.executor.cancel()
+        with Session(self.engine) as s:
+            for row in job_trials(s, self.job_id):
+                if row.state in ("running", "queued"):
+                    row.state = "cancelled" if state != "interrupted" else row.state
+                    s.add(row)
+                    if state != "interrupted":
+                        ref = self._live.pop(row.number, row.number)
+                        self.study.tell(ref, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            s.commit()
+
+    def pareto_rows(self) -> list[Trial]:
+        with Session(self.engine) as s:
+            return [t for t in job_trials(s, self.job_id) if t.on_front]
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _trial_id(study: optuna.Study, ref: Any) -> int:
+    if isinstance(ref, optuna.trial.Trial):
+        return int(ref._trial_id)
+    return int(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(ref)))

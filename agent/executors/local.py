@@ -1,0 +1,118 @@
+"""The embedded default: each trial in its own local process, at most `workers` at a time.
+
+A fresh process per trial means a crash, a hang or a memory blow-up costs one trial, never the search,
+and memory (including GPU memory, which PyTorch does not return between tasks) is released when the
+trial ends. Processes come from a forkserver that has already imported torch, so a trial does not pay
+the import again; the forkserver never initialises CUDA.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from optagent.executors._base import Outcome, failed_result
+
+_PRELOAD = ["torch", "optagent.pipeline", "optagent.registry", "optagent.plugins"]
+
+
+def _child(payload: dict[str, Any], conn: mpc.Connection) -> None:
+    from optagent.pipeline import run_trial
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    try:
+        conn.send(run_trial(payload))
+    finally:
+        conn.close()
+
+
+@dataclass
+class _Running:
+    process: Any
+    conn: mpc.Connection
+    started: float
+    deadline: float | None
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        sig = -exitcode
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        hint = " (killed: out of memory?)" if sig == signal.SIGKILL else ""
+        return f"trial process died from signal {name}{hint}"
+    return f"trial process exited with code {exitcode} before reporting a result"
+
+
+class LocalExecutor:
+    """Runs payloads in local processes. Implements optagent.executors.Executor."""
+
+    def __init__(self, workers: int = 1, time_limit_s: float | None = None, start_method: str = "forkserver"):
+        self.capacity = max(1, int(workers))
+        self.time_limit_s = time_limit_s
+        if start_method == "forkserver" and "forkserver" in mp.get_all_start_methods():
+            self._ctx = mp.get_context("forkserver")
+            self._ctx.set_forkserver_preload(_PRELOAD)
+        else:
+            self._ctx = mp.get_context("spawn")
+        self._running: dict[int, _Running] = {}
+
+    def submit(self, number: int, payload: dict[str, Any]) -> None:
+        if number in self._running:
+            return
+        parent, child = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(target=_child, args=(payload, child), name=f"optagent-trial-{number}",
+                                    daemon=True)
+        process.start()
+        child.close()
+        now = time.monotonic()
+        self._running[number] = _Running(process, parent, now, now + self.time_limit_s if self.time_limit_s else None)
+
+    def in_flight(self) -> set[int]:
+        return set(self._running)
+
+    def poll(self, timeout: float) -> list[Outcome]:
+        if not self._running:
+            time.sleep(min(timeout, 0.05))
+            return []
+        waitables: list[Any] = []
+        for r in self._running.values():
+            waitables += [r.conn, r.process.sentinel]
+        mpc.wait(waitables, timeout=timeout)
+        done: list[Outcome] = []
+        now = time.monotonic()
+        for number, r in list(self._running.items()):
+            result = None
+            if r.conn.poll():
+                try:
+                    result = r.conn.recv()
+                except (EOFError, OSError):
+                    result = None
+            if result is None and not r.process.is_alive():
+                r.process.join(timeout=1)
+                result = failed_result(number, _death_reason(r.process.exitcode), duration_s=now - r.started)
+            if result is None and r.deadline is not None and now > r.deadline:
+                r.process.kill()
+                r.process.join(timeout=5)
+                result = failed_result(number, f"trial exceeded its time limit of {self.time_limit_s:.0f} s "
+                                       "(raise --trial-timeout)", duration_s=now - r.started)
+            if result is not None:
+                r.process.join(timeout=5)
+                r.conn.close()
+                del self._running[number]
+                done.append(Outcome(number, result))
+        return done
+
+    def cancel(self) -> None:
+        for r in self._running.values():
+            r.process.kill()
+        for r in self._running.values():
+            r.process.join(timeout=5)
+            r.conn.close()
+        self._running.clear()
+
+    def close(self) -> None:
+        self.cancel()

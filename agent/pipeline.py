@@ -1,0 +1,179 @@
+"""One trial, start to finish: the function every executor runs (local process or Celery worker).
+
+payload = {
+    "trial": int,                        # trial number (0 = the baseline)
+    "job": {"id": int, "name": str},
+    "model": {"path": str, "sha256": str, "source_b64": str | None},   # source travels to remote workers
+    "params": {strategy: {param: value}},   # every selected strategy; {} or off params = untouched
+    "strategies": [str],                 # strategies the job uses, in the job's order
+    "objectives": ["accuracy:max", ...],
+    "seed": int, "threads": int, "device": "auto" | "cpu" | "cuda",
+    "measure": {...},                    # optagent.measure.MeasureSettings fields
+    "exclusive_measure": bool,           # hold a host-wide lock while timing (local workers share cores)
+}
+
+The pipeline: load the baseline -> configure every strategy -> apply them stage by stage (compress,
+fine-tune, quantize, deploy) -> evaluate on the held-out split -> time the result interleaved with the
+baseline at the trial's batch size -> plugin metrics. Any exception becomes a failed result with a reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import time
+import traceback
+from typing import Any
+
+from optagent.errors import TrialFailed, UserError
+from optagent.executors._base import failed_result, worker_identity
+
+log = logging.getLogger(__name__)
+
+
+def _load_model_file(spec: dict[str, Any]) -> Any:
+    from pathlib import Path
+
+    from optagent.contract import ModelFile, sha256_bytes
+
+    path = spec["path"]
+    if spec.get("source_b64"):
+        source = base64.b64decode(spec["source_b64"])
+    elif Path(path).is_file():
+        source = Path(path).read_bytes()
+    else:
+        raise TrialFailed(f"model file {path} is not on this worker and the job did not carry its source")
+    if sha256_bytes(source) != spec["sha256"]:
+        raise TrialFailed(f"model file {path} changed since the job started (hash mismatch); "
+                          "start a new job or restore the file")
+    return ModelFile.from_source(source, path)
+
+
+def _batch(mf: Any, size: int, device: Any) -> Any:
+    """A real input batch of `size` samples from the held-out split (repeated if it is smaller)."""
+    import torch
+
+    data = mf.data().eval
+    xs = [data[i % len(data)][0] for i in range(size)]
+    return torch.stack([torch.as_tensor(x) for x in xs]).to(device)
+
+
+def _has(model: Any, kind: str) -> bool:
+    return any(type(m).__name__.startswith(kind) for m in model.modules())
+
+
+def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one trial and return its result dict (never raises for trial-level failures)."""
+    number = int(payload["trial"])
+    started = time.perf_counter()
+    hardware: dict[str, Any] = {}
+    worker = worker_identity(int(payload.get("attempt", 1)))
+    try:
+        return _run(payload, number, started, worker, hardware)
+    except (TrialFailed, UserError) as exc:
+        reason = str(exc)
+    except MemoryError:
+        reason = "out of memory"
+    except Exception as exc:  # a strategy or the model file failed: record why, keep the search going
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
+        reason = f"{type(exc).__name__}: {exc}{where}"
+        log.debug("trial %s failed", number, exc_info=True)
+    return failed_result(number, reason, duration_s=time.perf_counter() - started, worker=worker,
+                         hardware=hardware)
+
+
+def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str, Any],
+         hardware: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from optagent import hardware as hw
+    from optagent.contract import cache_dir, file_lock
+    from optagent.measure import MeasureSettings, interleaved
+    from optagent.registry import build_registry
+    from optagent.strategy import Objective, SpaceContext, TrialContext
+
+    threads = int(payload.get("threads") or 1)
+    torch.set_num_threads(threads)
+    seed = int(payload.get("seed", 0))
+    torch.manual_seed(seed)
+    caps = hw.detect(payload.get("device", "auto"))
+    hardware.update(hw.fingerprint(threads, caps))
+    device = torch.device(caps.device)
+
+    registry = build_registry()
+    params: dict[str, dict[str, Any]] = payload.get("params") or {}
+    missing = [name for name in payload.get("strategies", params) if name not in registry.strategies]
+    if missing:
+        raise TrialFailed(f"strategy {', '.join(missing)} is not installed on worker host {worker['host']}; "
+                          "install the plugin there (same versions as the coordinator)")
+
+    mf = _load_model_file(payload["model"])
+    baseline = mf.load_model().to(device)
+    model = mf.load_model().to(device)
+    space = SpaceContext(capabilities=caps,
+                         objectives=tuple(Objective.parse(o) for o in payload.get("objectives", [])),
+                         default_batch_size=mf.default_batch_size)
+    ctx = TrialContext(model_file=mf, baseline=baseline, device=device, capabilities=caps, params=params,
+                       seed=seed, threads=threads)
+    chosen = [registry.strategies[name] for name in payload.get("strategies", params)]
+    for strategy in chosen:
+        strategy.configure(dict(params.get(strategy.name) or strategy.off_params(space)), ctx)
+    for strategy in sorted(chosen, key=lambda s: s.stage):  # stable: same-stage strategies keep job order
+        p = params.get(strategy.name)
+        if p and not strategy.is_off(p, space):
+            model = strategy.apply(model, dict(p), ctx)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+
+    metrics: dict[str, float] = dict(mf.evaluate(model))
+    if mf.data().test is not None:
+        metrics.update({f"test_{k}": v for k, v in mf.evaluate(model, "test").items()})
+
+    bs = ctx.infer_batch_size
+    batch = _batch(mf, bs, device)
+    settings = MeasureSettings.from_json(payload.get("measure"))
+    lock = file_lock(cache_dir() / "measure.lock") if payload.get("exclusive_measure") else None
+    if lock:
+        lock.__enter__()
+    try:
+        stats = interleaved({"candidate": lambda: model(batch), "baseline": lambda: baseline(batch)},
+                            settings, device, seed)
+    finally:
+        if lock:
+            lock.__exit__(None, None, None)
+    cand, base = stats["candidate"], stats["baseline"]
+    metrics.update(
+        latency_ms=cand.median_ms,
+        latency_p90_ms=cand.p90_ms,
+        latency_p99_ms=cand.p99_ms,
+        latency_spread=cand.spread,
+        latency_per_sample_ms=cand.median_ms / bs,
+        throughput=1000.0 * bs / cand.median_ms,
+        baseline_latency_ms=base.median_ms,
+        baseline_latency_spread=base.spread,
+        speedup=base.median_ms / cand.median_ms,
+        batch_size=float(bs),
+    )
+    for metric in registry.metrics.values():
+        try:
+            value = float(metric.compute(model, ctx, batch))
+        except Exception as exc:  # a metric that cannot be computed for this model is absent, not fatal
+            ctx.notes.append(f"metric {metric.name} unavailable: {type(exc).__name__}: {exc}")
+            continue
+        if math.isfinite(value):
+            metrics[metric.name] = value
+    return {
+        "trial": number,
+        "state": "complete",
+        "capabilities": caps.to_json(),
+        "model_info": {"default_batch_size": mf.default_batch_size, "has_conv": _has(baseline, "Conv"),
+                       "has_linear": _has(baseline, "Linear")},
+        "metrics": metrics,
+        "samples": {"latency_ms": list(cand.samples_ms), "baseline_latency_ms": list(base.samples_ms)},
+        "failure_reason": None,
+        "notes": ctx.notes,
+        "duration_s": time.perf_counter() - started,
+        "hardware": hardware,
+        "worker": worker,
+    }

@@ -1,0 +1,138 @@
+"""optagent's tables (SQLModel) and the few queries the CLI and the coordinator need.
+
+One database URL holds these tables and the Optuna study. Only portable column types are used (JSON,
+text, numbers, timestamps), so the same schema runs on SQLite and PostgreSQL. The coordinator is the
+only writer; read commands may run while a search writes (SQLite in WAL mode).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Any
+
+import sqlalchemy as sa
+from optagent.errors import UserError
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import JSON, Column, Field, Session, SQLModel, select
+
+DEFAULT_DB = "sqlite:///optagent.db"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "optagent_jobs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=200)
+    study_name: str = Field(max_length=250)
+    model_path: str
+    model_hash: str = Field(max_length=64)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default="pending", max_length=20)  # pending running completed failed cancelled
+    error: str | None = None
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    heartbeat_at: dt.datetime | None = None  # the coordinator's last sign of life (resume tells if it died)
+
+
+class Trial(SQLModel, table=True):
+    __tablename__ = "optagent_trials"
+    __table_args__ = (sa.UniqueConstraint("job_id", "number"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="optagent_jobs.id", index=True)
+    number: int  # the Optuna trial number; 0 is the baseline
+    state: str = Field(default="queued", max_length=20)  # queued running complete failed cancelled
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    recipe: str = ""  # human summary of the strategies that are on, e.g. "pruning(structured 0.5) + ..."
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    samples: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    values: list[float] | None = Field(default=None, sa_column=Column(JSON))  # objective values, job order
+    feasible: bool | None = None
+    on_front: bool = False
+    failure_reason: str | None = None
+    notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    duration_s: float | None = None
+    hardware: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    worker: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    finished_at: dt.datetime | None = None
+
+
+def normalize_url(url: str | None) -> str:
+    """Accept the URLs people paste: postgres://, postgresql:// -> psycopg 3; bare paths -> SQLite."""
+    url = url or os.environ.get("OPTAGENT_DB") or DEFAULT_DB
+    if "://" not in url:
+        if url.endswith((".db", ".sqlite", ".sqlite3")):
+            return f"sqlite:///{url}"
+        raise UserError(f"database {url!r} is not a URL; use e.g. sqlite:///optagent.db or "
+                        "postgresql+psycopg://user@host/db")
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+_engines: dict[str, Engine] = {}
+
+
+def engine_for(url: str | None) -> Engine:
+    """A cached engine per URL with bounded pools; SQLite gets WAL and a busy timeout."""
+    url = normalize_url(url)
+    if url in _engines:
+        return _engines[url]
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise UserError(f"database URL is malformed ({exc}); use e.g. sqlite:///optagent.db") from None
+    if parsed.get_backend_name() == "sqlite":
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+    else:
+        engine = sa.create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True, pool_recycle=1800)
+    _engines[url] = engine
+    return engine
+
+
+def init_db(url: str | None) -> Engine:
+    """Create optagent's tables if needed; a clear error if the server cannot be reached."""
+    engine = engine_for(url)
+    try:
+        SQLModel.metadata.create_all(engine)
+    except sa.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {reason}; check --db / "
+                        "OPTAGENT_DB and that the server is running") from None
+    except ModuleNotFoundError as exc:
+        raise UserError(f"the database driver {exc.name!r} is not installed; pip install 'optagent[postgres]'") \
+            from None
+    return engine
+
+
+def find_job(session: Session, ident: str) -> Job:
+    """A job by id or by name, or a UserError naming how to list them."""
+    job = session.get(Job, int(ident)) if ident.isdigit() else None
+    if job is None:
+        job = session.exec(select(Job).where(Job.name == ident)).first()
+    if job is None:
+        raise UserError(f"no job {ident!r} in this database; run `optagent jobs` to list them (or pass --db)")
+    return job
+
+
+def job_trials(session: Session, job_id: int) -> list[Trial]:
+    return list(session.exec(select(Trial).where(Trial.job_id == job_id).order_by(Trial.number)))  # type: ignore[arg-type]
+
+
+def get_trial(session: Session, job_id: int, number: int) -> Trial | None:
+    return session.exec(select(Trial).where(Trial.job_id == job_id, Trial.number == number)).first()
