@@ -101,9 +101,9 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
 def trial_dict(t: Trial) -> dict[str, Any]:
     """The JSON view of a trial used by hooks, --json output and reports."""
     return {
-        "number": t.number, "state": t.state, "recipe": t.recipe, "params": t.params, "metrics": t.metrics, "values": t.values,
-        "feasible": t.feasible, "on_front": t.on_front, "failure_reason": t.failure_reason, "notes": t.notes,
-        "duration_s": t.duration_s, "worker": t.worker, "hardware": t.hardware,
+        "number": t.number, "state": t.state, "recipe": t.recipe, "params": t.params, "metrics": t.metrics,
+        "values": t.values, "feasible": t.feasible, "on_front": t.on_front, "failure_reason": t.failure_reason,
+        "notes": t.notes, "duration_s": t.duration_s, "worker": t.worker, "hardware": t.hardware,
     }
 
 
@@ -315,7 +315,7 @@ class Coordinator:
         for strategy in self.strategies:
             p = params.get(strategy.name)
             if p and not strategy.is_off(p, self.space):
-                parts.append(f"{strategy.name}({' '.join(str(v) for v in p.values())})")
+                parts.append(f"{strategy.name}({', '.join(f'{k}={_short(v)}' for k, v in p.items())})")
         return " + ".join(parts) or "baseline"
 
     def _store_dispatch(self, number: int, params: dict[str, Any]) -> None:
@@ -469,6 +469,10 @@ class Coordinator:
     def pareto_rows(self) -> list[Trial]:
         with Session(self.engine) as s:
             return [t for t in job_trials(s, self.job_id) if t.on_front]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 class _Cancelled(Exception):

@@ -1,0 +1,30 @@
+# The two commands the README opens with: `make demo` and `make test`. Each builds its own virtual
+# environment. torch==2.13.0 is installed first: an open torch requirement would pull a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev,postgres
+
+.PHONY: demo test lint setup clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/optagent search examples/digits_cnn.py --trials 12 --workers 2 --db sqlite:///demo.db
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check agent plugins workers tests benchmarks examples
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) demo.db
