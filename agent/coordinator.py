@@ -238,7 +238,11 @@ class Coordinator:
                 self._store_result(0, result, values=None, feasible=None)
                 raise UserError(f"the baseline trial failed: {reason}; fix the model file (try `optagent check "
                                 f"{self.model_path}`)")
-            self._setup_space(result)
+            try:
+                self._setup_space(result)
+            except UserError as exc:
+                self._store_result(0, {**result, "state": "failed", "failure_reason": str(exc)}, None, None)
+                raise
             values = self._objective_values(result["metrics"])
             self._store_result(0, result, values=values, feasible=True)
         else:
@@ -461,7 +465,7 @@ class Coordinator:
                 if row.state in ("running", "queued"):
                     row.state = "cancelled" if state != "interrupted" else row.state
                     s.add(row)
-                    if state != "interrupted":
+                    if state != "interrupted" and row.number > 0:
                         ref = self._live.pop(row.number, row.number)
                         self.study.tell(ref, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             s.commit()

@@ -47,7 +47,8 @@ def main() -> None:
     """Entry point: bad input is one line on stderr and exit code 2; --debug shows the traceback."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as exc:
         if debug:
             raise

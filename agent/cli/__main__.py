@@ -1,0 +1,3 @@
+from optagent.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""End-to-end searches through the real CLI on a tiny model (local processes, SQLite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session
+
+from optagent.pareto import dominates
+from optagent.storage import engine_for, find_job, job_trials
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OPTAGENT = [sys.executable, "-m", "optagent.cli"]
+
+
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*OPTAGENT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("search")
+    for name in ("tiny_model.py", "broken_quant_model.py"):
+        shutil.copy(FIXTURES / name, path / name)
+    os.environ.setdefault("OPTAGENT_CACHE_DIR", str(path / "cache"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_job(workdir: Path) -> dict:
+    proc = run("search", "tiny_model.py", "--trials", "6", "--workers", "2", "--seed", "1", "--name", "tiny",
+               "--json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_search_stores_every_trial_and_a_non_dominated_feasible_front(finished_job: dict, workdir: Path) -> None:
+    trials = finished_job["trials"]
+    assert [t["number"] for t in trials] == list(range(7))  # baseline + 6
+    assert all(t["state"] == "complete" for t in trials)
+    baseline = trials[0]
+    assert baseline["recipe"] == "baseline"
+    # the baseline is measured like any trial: against itself its interleaved speedup is ~1
+    assert 0.7 < baseline["metrics"]["speedup"] < 1.4
+    front = [t for t in trials if t["on_front"]]
+    assert front, "a search always has a Pareto front"
+    signs = [1.0, -1.0]  # accuracy max, latency min
+    for t in front:
+        assert t["feasible"]
+        assert t["metrics"]["accuracy"] >= baseline["metrics"]["accuracy"] - 0.01
+        assert not any(dominates(o["values"], t["values"], signs) for o in trials if o["feasible"] and o is not t)
+    for t in trials:  # every feasible trial not on the front is dominated by a front member
+        if t["feasible"] and not t["on_front"]:
+            assert any(dominates(f["values"], t["values"], signs) for f in front)
+    for t in trials:
+        for key in ("accuracy", "latency_ms", "latency_per_sample_ms", "throughput", "model_size_mb",
+                    "peak_memory_mb", "baseline_latency_ms"):
+            assert key in t["metrics"], key
+        assert t["hardware"]["threads"] == 1 and t["hardware"]["torch"]
+
+
+def test_study_lives_in_the_same_database(finished_job: dict, workdir: Path) -> None:
+    import optuna
+
+    engine = engine_for(f"sqlite:///{workdir / 'optagent.db'}")
+    with Session(engine) as s:
+        job = find_job(s, "tiny")
+        rows = job_trials(s, job.id)
+    study = optuna.load_study(study_name=job.study_name, storage=f"sqlite:///{workdir / 'optagent.db'}")
+    assert len(study.trials) == len(rows) == 7
+    assert study.metric_names == ["accuracy", "latency_ms"]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def test_read_commands_have_json_and_tables(finished_job: dict, workdir: Path) -> None:
+    jobs = json.loads(run("jobs", "--json", cwd=workdir).stdout)
+    assert any(j["name"] == "tiny" and j["status"] == "completed" and j["complete"] == 6 for j in jobs)
+    status = json.loads(run("status", "tiny", "--json", cwd=workdir).stdout)
+    assert status["complete"] == 6 and len(status["trials"]) == 7
+    assert all(t["worker"]["host"] for t in status["trials"])
+    pareto = json.loads(run("pareto", "tiny", "--json", cwd=workdir).stdout)
+    assert {p["number"] for p in pareto["pareto"]} == {t["number"] for t in finished_job["trials"] if t["on_front"]}
+    assert all("accuracy_change" in p and p["speedup"] > 0 for p in pareto["pareto"])
+    table = run("pareto", "tiny", cwd=workdir)
+    assert table.returncode == 0 and "speedup" in table.stdout and "baseline (trial 0)" in table.stdout
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(workdir: Path) -> None:
+    proc = run("search", "broken_quant_model.py", "--trials", "6", "--strategies", "quantization,pruning",
+               "--sampler", "random", "--seed", "3", "--name", "broken", "--json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    trials = json.loads(proc.stdout)["trials"]
+    assert len(trials) == 7
+    failed = [t for t in trials if t["state"] == "failed"]
+    assert failed, "random sampling over 6 trials picks a quantization mode at least once with seed 3"
+    assert all("only supports the original Net" in t["failure_reason"] for t in failed)
+    assert any(t["state"] == "complete" for t in trials[1:])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search", "missing.py"], "does not exist"),
+    (["search", "tiny_model.py", "--trials", "0"], "--trials must be at least 1"),
+    (["search", "tiny_model.py", "--objective", "accuracy"], "NAME:max or NAME:min"),
+    (["search", "tiny_model.py", "--strategies", "pruning,warp"], "unknown strategy 'warp'"),
+    (["search", "tiny_model.py", "--sampler", "grid"], "--sampler 'grid' is unknown"),
+    (["search", "tiny_model.py", "--max-accuracy-drop", "5"], "fraction between 0 and 1"),
+    (["search", "tiny_model.py", "--db", "nodb"], "is not a URL"),
+    (["status", "no-such-job"], "no job 'no-such-job'"),
+    (["pareto", "12345"], "no job '12345'"),
+])
+def test_bad_input_is_one_line_and_exit_2(workdir: Path, args: list[str], message: str) -> None:
+    proc = run(*args, cwd=workdir)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_debug_shows_the_traceback(workdir: Path) -> None:
+    proc = run("--debug", "status", "no-such-job", cwd=workdir)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_unknown_objective_metric_fails_the_job_clearly(workdir: Path) -> None:
+    proc = run("search", "tiny_model.py", "--trials", "1", "--objective", "bleu:max", "--name", "bad-objective",
+               cwd=workdir)
+    assert proc.returncode == 2
+    assert "metric bleu is not measured" in proc.stderr and "accuracy" in proc.stderr
+    status = json.loads(run("status", "bad-objective", "--json", cwd=workdir).stdout)
+    assert status["status"] == "failed" and "bleu" in status["error"]
+
+
+def test_check_names_missing_pieces(tmp_path: Path) -> None:
+    bad = tmp_path / "bad_model.py"
+    bad.write_text("def load_model():\n    return 3\n")
+    proc = run("check", str(bad), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "load_data" in proc.stderr and "evaluate" in proc.stderr and "example_input" in proc.stderr
