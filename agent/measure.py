@@ -103,7 +103,7 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], settings: MeasureSetting
             elapsed = time.perf_counter() - started
             if reps >= s.max_reps or (elapsed >= s.max_time_s * len(names) and reps >= 5):
                 break
-            if reps >= s.min_reps and elapsed >= s.min_time_s * len(names) and reps % 5 == 0:
-                if all(LatencyStats.of(v).spread <= s.target_spread for v in samples.values()):
-                    break
+            settled = reps >= s.min_reps and elapsed >= s.min_time_s * len(names) and reps % 5 == 0
+            if settled and all(LatencyStats.of(v).spread <= s.target_spread for v in samples.values()):
+                break
     return {name: LatencyStats.of(v) for name, v in samples.items()}

@@ -133,7 +133,7 @@ def build_registry(pm: pluggy.PluginManager | None = None, warnings: list[str] |
 
     for hook, kind, table in ((pm.hook.optagent_register_strategies, "strategy", strategies),
                               (pm.hook.optagent_register_metrics, "metric", metrics)):
-        for impl in reversed(hook.get_hookimpls()):  # registration order, built-ins first
+        for impl in hook.get_hookimpls():  # registration order, built-ins first
             try:
                 impl.function(register=make_register(kind, table, impl.plugin_name))
             except UserError:

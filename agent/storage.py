@@ -20,7 +20,7 @@ DEFAULT_DB = "sqlite:///optagent.db"
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.timezone.utc)
 
 
 class Job(SQLModel, table=True):
@@ -112,8 +112,9 @@ def init_db(url: str | None) -> Engine:
         SQLModel.metadata.create_all(engine)
     except sa.exc.OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise UserError(f"cannot open database {engine.url.render_as_string(hide_password=True)}: {reason}; check --db / "
-                        "OPTAGENT_DB and that the server is running") from None
+        shown = engine.url.render_as_string(hide_password=True)
+        raise UserError(f"cannot open database {shown}: {reason}; check --db / OPTAGENT_DB and that the server "
+                        "is running") from None
     except ModuleNotFoundError as exc:
         raise UserError(f"the database driver {exc.name!r} is not installed; pip install 'optagent[postgres]'") \
             from None

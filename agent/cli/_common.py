@@ -14,8 +14,16 @@ DbOpt = Annotated[str | None, typer.Option("--db", envvar="OPTAGENT_DB", show_en
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 JobArg = Annotated[str, typer.Argument(help="Job id or name (see `optagent jobs`).")]
 
-out = Console(highlight=False, soft_wrap=False)
-err = Console(stderr=True, highlight=False)
+def _console(stderr: bool = False) -> Console:
+    """Rich console; when output is piped, lines stay long rather than wrapping at 80 columns."""
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, highlight=False, width=200)
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 def print_json(data: Any) -> None:

@@ -41,4 +41,5 @@ class LineProgress:
                       f"speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}")
         elif kind == "job_finished":
             job = data["job"]
-            err.print(f"[{elapsed:6.0f}s] job {job['name']} {job['status']}; Pareto front: {len(data['pareto'])} trials")
+            err.print(f"[{elapsed:6.0f}s] job {job['name']} {job['status']}; "
+                      f"Pareto front: {len(data['pareto'])} trials")
