@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from optagent.errors import TrialFailed, UserError
@@ -84,12 +84,27 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
                          hardware=hardware)
 
 
-def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str, Any],
-         hardware: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class Built:
+    """A trial's model, built from its recipe, and what is needed to measure or export it."""
+
+    model: Any
+    ctx: Any  # optagent.strategy.TrialContext
+    model_file: Any
+    registry: Any
+    hardware: dict[str, Any]
+
+
+def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
+    """Load the baseline and apply the payload's strategies stage by stage (no measurement).
+
+    Deterministic under the payload's seed, so `optagent apply`, `profile` and the confirmation pass
+    rebuild exactly the model a trial measured.
+    """
+    import socket
+
     import torch
     from optagent import hardware as hw
-    from optagent.contract import cache_dir, file_lock
-    from optagent.measure import MeasureSettings, interleaved
     from optagent.registry import build_registry
     from optagent.strategy import Objective, SpaceContext, TrialContext
 
@@ -98,15 +113,17 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
     seed = int(payload.get("seed", 0))
     torch.manual_seed(seed)
     caps = hw.detect(payload.get("device", "auto"))
-    hardware.update(hw.fingerprint(threads, caps))
+    fingerprint = hw.fingerprint(threads, caps)
     device = torch.device(caps.device)
 
     registry = build_registry()
     params: dict[str, dict[str, Any]] = payload.get("params") or {}
-    missing = [name for name in payload.get("strategies", params) if name not in registry.strategies]
+    names = list(payload.get("strategies") or params)
+    missing = [name for name in names if name not in registry.strategies]
     if missing:
-        raise TrialFailed(f"strategy {', '.join(missing)} is not installed on worker host {worker['host']}; "
-                          "install the plugin there (same versions as the coordinator)")
+        raise TrialFailed(f"strategy {', '.join(missing)} is not installed on worker host "
+                          f"{worker_host or socket.gethostname()}; install the plugin there (same versions as "
+                          "the coordinator)")
 
     mf = _load_model_file(payload["model"])
     baseline = mf.load_model().to(device)
@@ -116,7 +133,7 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
                          default_batch_size=mf.default_batch_size)
     ctx = TrialContext(model_file=mf, baseline=baseline, device=device, capabilities=caps, params=params,
                        seed=seed, threads=threads)
-    chosen = [registry.strategies[name] for name in payload.get("strategies", params)]
+    chosen = [registry.strategies[name] for name in names]
     for strategy in chosen:
         strategy.configure(dict(params.get(strategy.name) or strategy.off_params(space)), ctx)
     for strategy in sorted(chosen, key=lambda s: s.stage):  # stable: same-stage strategies keep job order
@@ -125,6 +142,31 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
             model = strategy.apply(model, dict(p), ctx)
     if isinstance(model, torch.nn.Module):
         model.eval()
+    return Built(model, ctx, mf, registry, fingerprint)
+
+
+def time_models(models: dict[str, Any], batch: Any, payload: dict[str, Any], device: Any, seed: int = 0) -> Any:
+    """Interleaved timing of several models on one batch, under the host lock when asked for."""
+    import contextlib
+
+    from optagent.contract import cache_dir, file_lock
+    from optagent.measure import MeasureSettings, interleaved
+
+    settings = MeasureSettings.from_json(payload.get("measure"))
+    lock = file_lock(cache_dir() / "measure.lock") if payload.get("exclusive_measure") else contextlib.nullcontext()
+    calls = {name: (lambda m=m: m(batch)) for name, m in models.items()}
+    with lock:
+        return interleaved(calls, settings, device, seed)
+
+
+def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str, Any],
+         hardware: dict[str, Any]) -> dict[str, Any]:
+    import math
+
+    built = build(payload, worker["host"])
+    hardware.update(built.hardware)
+    model, ctx, mf = built.model, built.ctx, built.model_file
+    baseline, device = ctx.baseline, ctx.device
 
     metrics: dict[str, float] = dict(mf.evaluate(model))
     if mf.data().test is not None:
@@ -132,16 +174,7 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
 
     bs = ctx.infer_batch_size
     batch = _batch(mf, bs, device)
-    settings = MeasureSettings.from_json(payload.get("measure"))
-    lock = file_lock(cache_dir() / "measure.lock") if payload.get("exclusive_measure") else None
-    if lock:
-        lock.__enter__()
-    try:
-        stats = interleaved({"candidate": lambda: model(batch), "baseline": lambda: baseline(batch)},
-                            settings, device, seed)
-    finally:
-        if lock:
-            lock.__exit__(None, None, None)
+    stats = time_models({"candidate": model, "baseline": baseline}, batch, payload, device, ctx.seed)
     cand, base = stats["candidate"], stats["baseline"]
     metrics.update(
         latency_ms=cand.median_ms,
@@ -155,7 +188,7 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
         speedup=base.median_ms / cand.median_ms,
         batch_size=float(bs),
     )
-    for metric in registry.metrics.values():
+    for metric in built.registry.metrics.values():
         try:
             value = float(metric.compute(model, ctx, batch))
         except Exception as exc:  # a metric that cannot be computed for this model is absent, not fatal
@@ -166,7 +199,7 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
     return {
         "trial": number,
         "state": "complete",
-        "capabilities": caps.to_json(),
+        "capabilities": ctx.capabilities.to_json(),
         "model_info": {"default_batch_size": mf.default_batch_size, "has_conv": _has(baseline, "Conv"),
                        "has_linear": _has(baseline, "Linear")},
         "metrics": metrics,
