@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 EventSink = Callable[[str, dict[str, Any]], None]
+CONSTRAINT = "accuracy_drop"  # <= 0 when the trial keeps the constraint metric within the allowed drop
 
 
 @dataclass
@@ -71,21 +72,20 @@ class JobConfig:
 
 
 def make_sampler(cfg: JobConfig) -> optuna.samplers.BaseSampler:
-    """A fresh sampler (Optuna does not persist samplers, so resume rebuilds it from the config)."""
+    """A fresh sampler (Optuna does not persist samplers, so resume rebuilds it from the config).
 
-    def constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-        return list(trial.user_attrs.get("constraints", [0.0]))
-
+    Feasibility reaches the sampler through each trial's constraint (`Trial.set_constraint`), so TPE
+    and NSGA-II both search with the accuracy constraint rather than a weighted sum.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if cfg.sampler == "tpe":
             startup = max(4, min(10, (cfg.n_trials or 40) // 4))
             return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup, multivariate=True,
-                                              group=True, constant_liar=True, constraints_func=constraints)
+                                              group=True, constant_liar=True)
         if cfg.sampler == "nsga2":
             population = max(8, min(50, (cfg.n_trials or 200) // 4))
-            return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population,
-                                                 constraints_func=constraints)
+            return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population)
         if cfg.sampler == "random":
             return optuna.samplers.RandomSampler(seed=cfg.seed)
     raise UserError(f"unknown sampler {cfg.sampler!r}; use tpe, nsga2 or random")
@@ -164,7 +164,9 @@ class Coordinator:
         self.study = optuna.create_study(
             storage=optuna_storage(url), study_name=self.study_name, load_if_exists=True,
             directions=[o.direction for o in self.objectives], sampler=make_sampler(self.cfg))
-        self.study.set_metric_names([o.metric for o in self.objectives])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.study.set_metric_names([o.metric for o in self.objectives])
         self._front: dict[int, list[float]] = {}
         self._live: dict[int, optuna.trial.Trial] = {}
         self._last_beat = 0.0
@@ -255,10 +257,10 @@ class Coordinator:
             dists = {f"{s.name}.{p.name}": p.distribution for s in self.strategies
                      for p in s.search_space(self.space)}
             flat = {k: v for k, v in flatten(off).items() if k in dists}
-            self.study.add_trial(optuna.trial.create_trial(
-                params=flat, distributions={k: dists[k] for k in flat}, values=values,
-                user_attrs={"optagent_number": 0, "baseline": True, "constraints": [0.0]},
-                system_attrs={"constraints": [0.0]}))
+            frozen = optuna.trial.create_trial(params=flat, distributions={k: dists[k] for k in flat}, values=values,
+                                               user_attrs={"optagent_number": 0, "baseline": True})
+            frozen.set_constraint(CONSTRAINT, 0.0)
+            self.study.add_trial(frozen)
         self._update_front(0, values)
         self._emit("baseline", metrics=self.baseline)
 
@@ -370,23 +372,29 @@ class Coordinator:
         if result["state"] == "complete" and values is None:
             missing = [o.metric for o in self.objectives if o.metric not in metrics]
             result = {**result, "state": "failed", "failure_reason": f"objective metric {', '.join(missing)} missing"}
-        trial_ref: Any = self._live.pop(number, number)
+        trial = self._live.pop(number, None) or self._trial_handle(number)
         feasible = None
         if values is not None:
             c = self._constraint(metrics)
             feasible = c <= 0
-            self.study._storage.set_trial_user_attr(_trial_id(self.study, trial_ref), "constraints", [c])
-            self.study.tell(trial_ref, values, skip_if_finished=True)
+            trial.set_constraint(CONSTRAINT, c)
+            self.study.tell(trial, values, skip_if_finished=True)
         else:
-            self.study._storage.set_trial_user_attr(_trial_id(self.study, trial_ref), "failure_reason",
-                                                    str(result.get("failure_reason"))[:1000])
-            self.study.tell(trial_ref, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            trial.set_user_attr("failure_reason", str(result.get("failure_reason"))[:1000])
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         row = self._store_result(number, result, values, feasible)
         if feasible and values is not None:
             self._update_front(number, values)
             row.on_front = number in self._front
         self._emit("trial_finished", trial=trial_dict(row), counts=self.counts())
         self.hooks.optagent_trial_finished(job=job_dict(self._job()), trial=trial_dict(row))
+
+    def _trial_handle(self, number: int) -> optuna.trial.Trial:
+        """A handle on a RUNNING trial asked by an earlier coordinator (resume). Optuna has no public
+        lookup from trial number to a Trial, so this uses the storage's id mapping."""
+        storage = self.study._storage
+        trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+        return optuna.trial.Trial(self.study, trial_id)
 
     def counts(self) -> dict[str, int]:
         with Session(self.engine) as s:
@@ -466,8 +474,8 @@ class Coordinator:
                     row.state = "cancelled" if state != "interrupted" else row.state
                     s.add(row)
                     if state != "interrupted" and row.number > 0:
-                        ref = self._live.pop(row.number, row.number)
-                        self.study.tell(ref, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                        trial = self._live.pop(row.number, None) or self._trial_handle(row.number)
+                        self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             s.commit()
 
     def pareto_rows(self) -> list[Trial]:
@@ -481,9 +489,3 @@ def _short(value: Any) -> str:
 
 class _Cancelled(Exception):
     pass
-
-
-def _trial_id(study: optuna.Study, ref: Any) -> int:
-    if isinstance(ref, optuna.trial.Trial):
-        return int(ref._trial_id)
-    return int(study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(ref)))

@@ -188,6 +188,7 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
         speedup=base.median_ms / cand.median_ms,
         batch_size=float(bs),
     )
+    metrics.update({k: float(v) for k, v in ctx.extra_metrics.items()})
     for metric in built.registry.metrics.values():
         try:
             value = float(metric.compute(model, ctx, batch))

@@ -147,6 +147,7 @@ class TrialContext:
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     loss_fn: LossFn | None = None  # training loss (outputs, targets, inputs); None = model file's / CE
+    extra_metrics: dict[str, float] = field(default_factory=dict)  # e.g. compile_time_s, stored with the trial
 
     @property
     def train_batch_size(self) -> int:

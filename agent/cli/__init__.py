@@ -32,15 +32,32 @@ app.command()(_read.status)
 app.command()(_read.pareto)
 
 
-def _register_optional() -> None:
-    try:
-        from optagent.cli.worker import worker
-    except ImportError:  # pragma: no cover - the worker module ships with the package
-        return
-    app.command("worker")(worker)
+# Commands built in their own modules. A module still being written is skipped at import; once every
+# module exists this list is the CLI's table of contents.
+_COMMANDS = (
+    ("optagent.cli.worker", "worker", "worker"),
+    ("optagent.cli._plugins", "plugins", "plugins"),
+    ("optagent.cli._profile", "profile", "profile"),
+    ("optagent.cli._report", "report", "report"),
+    ("optagent.cli._report", "export", "export"),
+    ("optagent.cli._report", "apply", "apply"),
+)
 
 
-_register_optional()
+def _register_commands() -> None:
+    import importlib
+
+    for module_name, attr, command in _COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        app.command(command)(getattr(module, attr))
+
+
+_register_commands()
 
 
 def main() -> None:
