@@ -117,6 +117,28 @@ def job_dict(job: Job) -> dict[str, Any]:
     }
 
 
+def make_payload(cfg: JobConfig, job: dict[str, Any], model_path: str, model_hash: str, number: int,
+                 params: dict[str, dict[str, Any]], source_b64: str | None = None) -> dict[str, Any]:
+    """The JSON a worker needs to run (or rebuild) trial `number`; see optagent.pipeline for the fields.
+
+    Trial seeds are derived from the job seed and the trial number, so any trial can be rebuilt exactly
+    (`optagent export`, `apply`, `profile`, the confirmation pass).
+    """
+    return {
+        "trial": number, "job": job, "model": {"path": model_path, "sha256": model_hash, "source_b64": source_b64},
+        "params": params, "strategies": list(cfg.strategies), "objectives": list(cfg.objectives),
+        "seed": cfg.seed + number, "threads": cfg.threads, "device": cfg.device, "measure": cfg.measure,
+        "exclusive_measure": cfg.executor == "local" and cfg.workers > 1,
+        "time_limit_s": cfg.trial_timeout_s, "max_attempts": cfg.max_attempts,
+    }
+
+
+def payload_for(job: Job, trial: Trial) -> dict[str, Any]:
+    """Rebuild the payload of a stored trial (the model file must still match the job's hash)."""
+    return make_payload(JobConfig.from_json(job.config), {"id": job.id, "name": job.name}, job.model_path,
+                        job.model_hash, trial.number, trial.params)
+
+
 def create_job(engine: Engine, cfg: JobConfig, name: str | None, model_hash: str) -> Job:
     with Session(engine) as session:
         if name and session.exec(_select_job_by_name(name)).first() is not None:
@@ -199,18 +221,10 @@ class Coordinator:
             log.debug("progress sink failed", exc_info=True)
 
     def _payload(self, number: int, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        model: dict[str, Any] = {"path": self.model_path, "sha256": self.model_hash, "source_b64": None}
-        if self.cfg.executor != "local":
-            if self._source_b64 is None:
-                self._source_b64 = base64.b64encode(Path(self.model_path).read_bytes()).decode()
-            model["source_b64"] = self._source_b64
-        return {
-            "trial": number, "job": {"id": self.job_id, "name": self.job_name}, "model": model,
-            "params": params, "strategies": list(self.cfg.strategies), "objectives": list(self.cfg.objectives),
-            "seed": self.cfg.seed + number, "threads": self.cfg.threads, "device": self.cfg.device,
-            "measure": self.cfg.measure, "exclusive_measure": self.cfg.executor == "local" and self.cfg.workers > 1,
-            "time_limit_s": self.cfg.trial_timeout_s, "max_attempts": self.cfg.max_attempts,
-        }
+        if self.cfg.executor != "local" and self._source_b64 is None:
+            self._source_b64 = base64.b64encode(Path(self.model_path).read_bytes()).decode()
+        return make_payload(self.cfg, {"id": self.job_id, "name": self.job_name}, self.model_path,
+                            self.model_hash, number, params, self._source_b64)
 
     def _beat(self, force: bool = False) -> None:
         now = time.monotonic()
