@@ -84,7 +84,8 @@ def main() -> None:
     b = stats["baseline"]
     print(f"\nre-measured in one process, {args.threads} threads, interleaved, {b.reps} rounds each "
           f"(baseline {b.median_ms:.2f} ms, spread IQR/median {b.spread:.1%}):")
-    print(f"{'trial':>6} {'search speedup':>15} {'re-measured':>12} {'paired band (IQR)':>18} {'Δaccuracy':>10}  recipe")
+    print(f"{'trial':>6} {'search speedup':>15} {'re-measured':>12} {'paired band (IQR)':>18} "
+          f"{'Δaccuracy':>10}  recipe")
     for t in feasible[: args.top]:
         n = t["number"]
         c = stats[f"t{n}"]
