@@ -143,3 +143,17 @@ def test_check_names_missing_pieces(tmp_path: Path) -> None:
     proc = run("check", str(bad), cwd=tmp_path)
     assert proc.returncode == 2
     assert "load_data" in proc.stderr and "evaluate" in proc.stderr and "example_input" in proc.stderr
+
+
+def test_a_trial_that_kills_or_hangs_its_process_fails_alone(workdir: Path) -> None:
+    shutil.copy(FIXTURES / "crashy_model.py", workdir / "crashy_model.py")
+    proc = run("search", "crashy_model.py", "--trials", "6", "--workers", "2", "--strategies", "pruning,quantization",
+               "--sampler", "random", "--seed", "6", "--trial-timeout", "10", "--name", "crashy", "--json",
+               cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    trials = json.loads(proc.stdout)["trials"]
+    assert len(trials) == 7 and trials[0]["state"] == "complete"
+    reasons = [t["failure_reason"] for t in trials if t["state"] == "failed"]
+    assert any("signal SIGKILL" in r for r in reasons), reasons
+    assert any("time limit of 10 s" in r for r in reasons), reasons
+    assert all(t["state"] in ("complete", "failed") for t in trials)
