@@ -54,17 +54,17 @@ def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
 
 
-def _stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
-    """Stop a process started with start_new_session=True, and its children, by its pid."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
+def _stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 20.0) -> None:
+    """Stop a process started with start_new_session=True by its pid (it stops its own children, e.g. a
+    worker's warm shutdown); only if it does not exit in time is its whole process group killed."""
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group, if any
+    if proc.poll() is None:
         proc.wait(timeout=10)
 
 

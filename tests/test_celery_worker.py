@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from optagent.errors import UserError
 from optagent.executors._base import Outcome
 from optagent.executors.celery import CeleryExecutor, task_id
@@ -48,6 +49,8 @@ def load_model():
         os.kill(os.getpid(), 9)
     if BEHAVIOUR == "slow":
         time.sleep(3)
+    if BEHAVIOUR == "stuck":
+        time.sleep(60)
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 3)).eval()
 
@@ -199,7 +202,7 @@ def test_resume_reuses_finished_and_running_trials(pool: Any, executor: CeleryEx
 def test_cancel_stops_running_and_queued_trials_and_resume_runs_them(pool: Any, executor: CeleryExecutor,
                                                                      redis_url: str, tmp_path: Path) -> None:
     marker = tmp_path / "starts"
-    model = write_model(tmp_path, "slow", marker)
+    model = write_model(tmp_path, "stuck", marker)
     for n in range(20, 24):  # 2 workers: two run, two wait in the queue
         executor.submit(n, payload(model, n))
     deadline = time.monotonic() + 60
@@ -214,7 +217,7 @@ def test_cancel_stops_running_and_queued_trials_and_resume_runs_them(pool: Any, 
 
     resumed = CeleryExecutor(redis_url, pool.queue, executor.job_key, secret=SECRET)
     try:  # an interrupted job that is resumed: the same numbers run again, attempts not charged
-        resumed.submit(20, payload(model, 20))
+        resumed.submit(20, payload(write_model(tmp_path), 20))
         outcomes = poll_all(resumed, 1, 60)
         assert [o.number for o in outcomes] == [20]
         assert outcomes[0].result["state"] == "complete" and outcomes[0].result["worker"]["attempt"] == 1

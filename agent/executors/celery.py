@@ -1,0 +1,299 @@
+"""Run trials on Celery workers over Redis, with deterministic task ids and resume after a coordinator crash.
+
+Trial `number` of job `job_key` is always task `optagent-{job_key}-{number}`. That makes submission
+idempotent across coordinator restarts: `submit` sends a trial only if no one sent it before (an atomic
+`SET NX` on its *sent* key, which lasts as long as results do). After a crash the coordinator builds a new
+executor and calls `submit` again for every trial it had in flight; each is then
+
+1. delivered by the next `poll` if its result is already in the result backend,
+2. left alone (not re-sent) if it was sent earlier and is still queued or running,
+3. sent otherwise (the message or its bookkeeping was lost).
+
+Each number is reported at most once per executor; Redis redeliveries of the same task id share one
+result key, so a trial killed mid-run and run again still yields one outcome.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from optagent.contract import sha256_bytes
+from optagent.errors import UserError
+from optagent.executors._base import Outcome, failed_result
+from optagent.security import redact_url, secret_from_env, sign_payload
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger(__name__)
+_UNSET: Any = object()
+_READY = {"SUCCESS", "FAILURE", "REVOKED"}
+
+
+def task_id(job_key: str, number: int) -> str:
+    """The one task id trial `number` of a job ever has."""
+    return f"optagent-{job_key}-{number}"
+
+
+class CeleryExecutor:
+    """The Executor protocol on Celery: payloads go to `queue` signed, results come back from Redis."""
+
+    def __init__(self, broker_url: str, queue: str, job_key: str, *, capacity: int | None = None,
+                 secret: str | None = _UNSET, max_attempts: int = 3, soft_time_limit: float | None = None,
+                 time_limit: float | None = None, app: Celery | None = None):
+        from optagent.workers.celery_app import keys, make_app, time_limits
+
+        if not job_key or any(c in job_key for c in " :*?[]"):
+            raise UserError(f"job key {job_key!r} must be non-empty without spaces, ':' or glob characters")
+        self.queue, self.job_key, self.max_attempts = queue, job_key, max_attempts
+        self.secret: str | None = secret_from_env() if secret is _UNSET else secret
+        self.app = app or make_app(broker_url)
+        self._url = redact_url(broker_url)
+        self._limits = time_limits(soft_time_limit, time_limit)
+        self._keys = keys
+        self._fixed_capacity = capacity
+        self._capacity_at = (0.0, 1)
+        self._redis = self.app.backend.client
+        self._pubsub: Any = None
+        self._pending: dict[int, str] = {}  # number -> task id, not yet reported
+        self._reported: set[int] = set()
+        self._sources: dict[str, tuple[str, str]] = {}  # path -> (source_b64, sha256)
+        self._messages: dict[int, tuple[dict[str, Any], float, float]] = {}  # number -> (message, soft, hard)
+        self._orphans: dict[int, float] = {}  # number -> when first seen started, unleased and not queued
+        self._rescued_at = 0.0
+        self._check_broker()
+
+    # -- the Executor protocol ------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Live pool processes on the queue plus one queued spare, so a freed worker never waits."""
+        if self._fixed_capacity:
+            return self._fixed_capacity
+        at, value = self._capacity_at
+        if time.monotonic() - at > 5:
+            value = self.workers() + 1
+            self._capacity_at = (time.monotonic(), value)
+        return value
+
+    def submit(self, number: int, payload: dict[str, Any]) -> None:
+        if number in self._pending or number in self._reported:
+            return
+        tid = task_id(self.job_key, number)
+        k = self._keys(tid)
+        message = self._prepare(number, payload)
+        if self._redis.delete(k["cancelled"]):
+            log.info("job %s was cancelled on the workers before; submitting to it again resumes it", self.job_key)
+        self._pending[number] = tid
+        self._messages[number] = (message, *self._limits_for(payload))
+        self._subscribe(tid)
+        if self._meta(tid) is not None:
+            return  # finished while no coordinator listened: the next poll delivers it
+        if not self._redis.set(k["sent"], "1", nx=True, ex=int(self.app.conf.result_expires)):
+            log.debug("trial %s was sent before (queued or running); not sending it again", number)
+            return
+        try:
+            self._send(number)
+        except Exception as exc:
+            self._redis.delete(k["sent"])
+            self._pending.pop(number, None)
+            self._messages.pop(number, None)
+            raise UserError(f"cannot send trial {number} to {self._url}: {type(exc).__name__}; "
+                            "check that Redis is running and the URL is right") from exc
+
+    def poll(self, timeout: float) -> list[Outcome]:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            self._rescue()
+            outcomes = self._collect()
+            remaining = deadline - time.monotonic()
+            if outcomes or remaining <= 0:
+                return outcomes
+            if not self._pending:
+                time.sleep(remaining)
+                return []
+            self._pubsub.get_message(timeout=min(remaining, 1.0))  # woken by the backend's publish
+            while self._pubsub.get_message(timeout=0) is not None:
+                pass
+
+    def in_flight(self) -> set[int]:
+        return set(self._pending)
+
+    def cancel(self) -> None:
+        """Drop queued trials of this job everywhere, kill running ones; nothing more is reported."""
+        self.revoke(self._pending)
+        for tid in self._pending.values():
+            self._unsubscribe(tid)
+        self._pending.clear()
+        self._messages.clear()
+
+    def revoke(self, numbers: Iterable[int]) -> None:
+        """Cancel the job on the workers (also usable by `optagent cancel` when no coordinator runs).
+
+        Marks the whole job cancelled in Redis: a worker drops any queued trial of the job unrun (even
+        one that was offline meanwhile), and a running trial's heartbeat kills its own process within
+        a few seconds. Celery's revoke is not used: it remembers task ids in worker memory, and these
+        ids are deterministic, so a resumed job could never run them again. The trials' sent markers are
+        cleared, so a later `submit` of the same numbers (a resumed job) sends them afresh.
+        """
+        k = self._keys(task_id(self.job_key, 0))
+        self._redis.set(k["cancelled"], "1", ex=int(self.app.conf.result_expires))
+        sent = [self._keys(task_id(self.job_key, n))["sent"] for n in numbers]
+        if sent:
+            self._redis.delete(*sent)
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            self._pubsub.close()
+            self._pubsub = None
+        self.app.close()
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def workers(self) -> int:
+        """Pool processes that announced themselves on this queue in the last minute."""
+        from optagent.workers.celery_app import LEASE_TTL_S, workers_key
+
+        return int(self._redis.zcount(workers_key(self.queue), time.time() - 3 * LEASE_TTL_S, "+inf"))
+
+    def _send(self, number: int) -> None:
+        message, soft, hard = self._messages[number]
+        self.app.send_task("optagent.run_trial", args=[message], task_id=self._pending[number], queue=self.queue,
+                           soft_time_limit=soft, time_limit=hard)
+
+    def _rescue(self) -> None:
+        """Re-send trials whose worker *host* died mid-trial.
+
+        A killed pool child is requeued by its parent at once, but when the whole worker dies (machine
+        lost, pod SIGKILLed) its message sits unacknowledged until the visibility timeout (hours). A
+        trial that has started, holds no lease (its heartbeat stopped), has no result and is not in
+        the queue is such an orphan; after a grace period it is sent again under the same task id.
+        The late original, once Redis restores it, finds the stored result and does not run again.
+        """
+        from optagent.workers.celery_app import HEARTBEAT_S
+
+        now = time.monotonic()
+        if not self._pending or now - self._rescued_at < HEARTBEAT_S:
+            return
+        self._rescued_at = now
+        numbers = list(self._pending)
+        pipe = self._redis.pipeline(transaction=False)
+        for n in numbers:
+            k = self._keys(self._pending[n])
+            pipe.exists(k["attempts"]).exists(k["lease"])
+        flags = pipe.execute()
+        suspects = [n for i, n in enumerate(numbers) if flags[2 * i] and not flags[2 * i + 1]]
+        self._orphans = {n: t for n, t in self._orphans.items() if n in suspects}
+        if not suspects:
+            return
+        queued = self._queued_ids()
+        for n in suspects:
+            if self._pending[n] in queued or n not in self._messages:
+                self._orphans.pop(n, None)
+                continue
+            first = self._orphans.setdefault(n, now)
+            if now - first >= 2 * HEARTBEAT_S and self._meta(self._pending[n]) is None:
+                log.warning("trial %s lost its worker mid-trial (no heartbeat); sending it again", n)
+                self._send(n)
+                self._orphans.pop(n)
+
+    def _queued_ids(self) -> set[str]:
+        """Task ids waiting in this queue's Redis list (Celery's message headers)."""
+        ids = set()
+        for raw in self._redis.lrange(self.queue, 0, -1):
+            try:
+                ids.add(json.loads(raw)["headers"]["id"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return ids
+
+    def _check_broker(self) -> None:
+        try:
+            self._redis.ping()
+        except Exception as exc:
+            raise UserError(f"cannot reach the broker at {self._url} ({type(exc).__name__}); start Redis or "
+                            "fix --broker / OPTAGENT_BROKER_URL") from None
+
+    def _prepare(self, number: int, payload: dict[str, Any]) -> dict[str, Any]:
+        """The message: the payload with the model's source inlined, the attempt bound, then signed."""
+        message = dict(payload, trial=number)
+        message.setdefault("max_attempts", self.max_attempts)
+        model = dict(message["model"])
+        if not model.get("source_b64"):
+            model["source_b64"], digest = self._source(model["path"])
+            if model.setdefault("sha256", digest) != digest:
+                raise UserError(f"model file {model['path']} changed since the job started (hash mismatch); "
+                                "restore it or start a new job")
+        message["model"] = model
+        return sign_payload(message, self.secret) if self.secret else message
+
+    def _source(self, path: str) -> tuple[str, str]:
+        if path not in self._sources:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise UserError(f"cannot read model file {path} ({exc.strerror}); it must stay readable "
+                                "by the coordinator while the job runs") from None
+            self._sources[path] = (base64.b64encode(data).decode(), sha256_bytes(data))
+        return self._sources[path]
+
+    def _limits_for(self, payload: dict[str, Any]) -> tuple[float, float]:
+        from optagent.workers.celery_app import time_limits
+
+        soft, hard = payload.get("soft_time_limit_s"), payload.get("time_limit_s")
+        return time_limits(soft, hard) if soft or hard else self._limits
+
+    def _subscribe(self, tid: str) -> None:
+        if self._pubsub is None:
+            self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(self.app.backend.get_key_for_task(tid))
+
+    def _unsubscribe(self, tid: str) -> None:
+        if self._pubsub is not None:
+            self._pubsub.unsubscribe(self.app.backend.get_key_for_task(tid))
+
+    def _meta(self, tid: str) -> dict[str, Any] | None:
+        raw = self._redis.get(self.app.backend.get_key_for_task(tid))
+        return self._ready_meta(raw)
+
+    def _ready_meta(self, raw: bytes | None) -> dict[str, Any] | None:
+        if raw is None:
+            return None
+        meta = self.app.backend.decode(raw)
+        return meta if meta.get("status") in _READY else None
+
+    def _collect(self) -> list[Outcome]:
+        if not self._pending:
+            return []
+        numbers = list(self._pending)
+        raws = self._redis.mget([self.app.backend.get_key_for_task(self._pending[n]) for n in numbers])
+        outcomes = []
+        for number, raw in zip(numbers, raws, strict=True):
+            meta = self._ready_meta(raw)
+            if meta is None:
+                continue
+            self._unsubscribe(self._pending.pop(number))
+            self._messages.pop(number, None)
+            self._reported.add(number)
+            outcomes.append(Outcome(number, self._to_result(number, meta)))
+        return outcomes
+
+    @staticmethod
+    def _to_result(number: int, meta: dict[str, Any]) -> dict[str, Any]:
+        """A stored task state as a result dict; Celery-level failures become failed results with a reason."""
+        result = meta.get("result")
+        if meta["status"] == "SUCCESS" and isinstance(result, dict):
+            return {**result, "trial": number}
+        if meta["status"] == "REVOKED":
+            return failed_result(number, "trial was revoked on the workers")
+        exc = result if isinstance(result, dict) else {}
+        kind, message = exc.get("exc_type", "error"), exc.get("exc_message", result)
+        if kind == "TimeLimitExceeded":
+            return failed_result(number, f"trial exceeded its hard time limit ({message} s); the worker killed it")
+        if kind == "WorkerLostError":
+            return failed_result(number, f"the worker running the trial died: {message}")
+        return failed_result(number, f"worker task failed: {kind}: {message}")

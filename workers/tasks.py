@@ -1,0 +1,194 @@
+"""The one Celery task: run a trial payload with `optagent.pipeline.run_trial` and return its result JSON.
+
+The trial runs in the prefork pool child itself. If the child dies (SIGKILL, OOM killer, a segfault in a
+kernel), late acknowledgement plus reject-on-worker-lost put the message back on the queue and another
+worker runs the same trial (same task id). Around that the task adds what Celery does not:
+
+- payload authentication: with OPTAGENT_SECRET set on the worker, an unsigned or altered payload is not
+  run; the reason is logged and returned as a *failed result* (so the coordinator records why instead of
+  waiting forever; an attacker who can write to Redis could forge results anyway, but never run code);
+- a poison-pill bound: attempts are counted per task id in Redis; once a trial has killed its worker
+  `max_attempts` times (payload, default 3) it comes back failed instead of running again;
+- a lease with a heartbeat, so a duplicate delivery of a trial that is running or finished elsewhere
+  waits for (or reuses) that result rather than running twice;
+- job cancellation: a trial of a cancelled job is dropped unrun (no result).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from celery import Task, shared_task
+from celery import signals as celery_signals
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+
+from optagent.executors._base import failed_result, worker_identity
+from optagent.security import RedactingFilter, secret_from_env, secrets_in, signature_problem
+from optagent.workers.celery_app import HEARTBEAT_S, LEASE_TTL_S, RESULT_EXPIRES_S, TASK_NAME, keys, workers_key
+
+log = logging.getLogger("optagent.worker")
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+def _owner() -> str:
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+
+
+def _owner_dead(raw: bytes | str) -> bool:
+    """True when a lease belongs to a process on this host that no longer exists."""
+    try:
+        owner = json.loads(raw)
+        if owner["host"] != socket.gethostname():
+            return False
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, TypeError, PermissionError):
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _heartbeat(redis: Any, k: dict[str, str], value: str) -> Iterator[None]:
+    """Keep the lease alive while the trial runs (it lapses LEASE_TTL_S after this process dies), and
+    end the trial if its job is cancelled: killing this pool process is the only way to stop arbitrary
+    model code; the redelivered message then finds the job cancelled and is dropped."""
+    stop = threading.Event()
+    key = k["lease"]
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):  # a Redis blip must not kill the trial
+                redis.set(key, value, ex=LEASE_TTL_S)
+                if redis.exists(k["cancelled"]):
+                    log.warning("job cancelled: stopping the trial by ending its process")
+                    redis.decr(k["attempts"])  # a cancelled attempt is not a crash
+                    redis.delete(key)
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=beat, name="optagent-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=1)
+        with contextlib.suppress(Exception):
+            if redis.get(key) in (value, value.encode()):
+                redis.delete(key)
+
+
+def _stored_result(task: Task, task_id: str) -> dict[str, Any] | None:
+    meta = task.backend.get_task_meta(task_id)
+    return meta["result"] if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict) else None
+
+
+def _acquire_lease(task: Task, redis: Any, k: dict[str, str], owner: str) -> dict[str, Any] | None:
+    """Take the trial's lease; returns a stored result instead when another delivery finished it."""
+    while True:
+        if redis.set(k["lease"], owner, nx=True, ex=LEASE_TTL_S):
+            return None
+        current = redis.get(k["lease"])
+        if current is not None and _owner_dead(current):
+            log.warning("trial %s: taking over the lease of dead process %s", task.request.id, current)
+            redis.set(k["lease"], owner, ex=LEASE_TTL_S)
+            return None
+        done = _stored_result(task, task.request.id)
+        if done is not None:
+            return done
+        if redis.exists(k["cancelled"]):
+            raise Ignore()
+        time.sleep(HEARTBEAT_S / 2)
+
+
+@shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=False)
+def run_trial(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one trial payload (plain JSON in, plain JSON out); see the module docstring for the guards."""
+    task_id: str = self.request.id
+    number = int(payload.get("trial", -1))
+    secret = secret_from_env()
+    if secret:
+        problem = signature_problem(payload, secret)
+        if problem:
+            log.error("refused trial %s (task %s): %s", number, task_id, problem)
+            return failed_result(number, f"worker refused the payload: {problem}")
+    redis = self.backend.client
+    k = keys(task_id)
+    if redis.exists(k["cancelled"]):
+        log.info("trial %s dropped: its job was cancelled", number)
+        raise Ignore()
+    done = _stored_result(self, task_id)
+    if done is not None:
+        log.info("trial %s already has a result; not running it again", number)
+        return done
+    owner = _owner()
+    done = _acquire_lease(self, redis, k, owner)
+    if done is not None:
+        return done
+    attempt = int(redis.incr(k["attempts"]))
+    redis.expire(k["attempts"], RESULT_EXPIRES_S)
+    limit = int(payload.get("max_attempts") or DEFAULT_MAX_ATTEMPTS)
+    if attempt > limit:
+        redis.delete(k["lease"])
+        reason = f"trial killed its worker {attempt - 1} times; not retried after {limit} attempts"
+        log.error("trial %s: %s", number, reason)
+        return failed_result(number, reason, worker=worker_identity(attempt))
+    log.info("trial %s: attempt %d of %d", number, attempt, limit)
+    from optagent.pipeline import run_trial as run  # torch stays out of the worker's parent process
+
+    with _heartbeat(redis, k, owner):
+        try:
+            result = run({**payload, "attempt": attempt})
+        except SoftTimeLimitExceeded:  # raised outside the pipeline's own handler
+            result = failed_result(number, "trial exceeded its soft time limit", worker=worker_identity(attempt))
+    if str(result.get("failure_reason") or "").startswith("SoftTimeLimitExceeded"):
+        limit_s = self.request.timelimit[1] if self.request.timelimit else None
+        result["failure_reason"] = f"trial exceeded its soft time limit{f' of {limit_s:.0f} s' if limit_s else ''}"
+    return result
+
+
+# -- worker process hooks ------------------------------------------------------------------------------
+def _redact_handlers(**_: Any) -> None:
+    """Mask the broker password and OPTAGENT_SECRET in everything the worker logs."""
+    secrets = secrets_in(os.environ.get("OPTAGENT_BROKER_URL")) + [secret_from_env() or ""]
+    filt = RedactingFilter(secrets)
+    for logger in (logging.getLogger(), logging.getLogger("celery")):
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(filt)
+
+
+celery_signals.after_setup_logger.connect(_redact_handlers, weak=False)
+celery_signals.after_setup_task_logger.connect(_redact_handlers, weak=False)
+
+
+@celery_signals.worker_process_init.connect(weak=False)
+def _advertise(**_: Any) -> None:
+    """Each pool process announces itself per queue so the coordinator can size its in-flight window."""
+    from optagent.workers import celery_app
+
+    queues = [q for q in os.environ.get("OPTAGENT_WORKER_QUEUES", "").split(",") if q]
+    if not queues:
+        return
+    member = f"{socket.gethostname()}:{os.getpid()}"
+    client = celery_app.app.backend.client
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                now = time.time()
+                for q in queues:
+                    client.zadd(workers_key(q), {member: now})
+                    client.zremrangebyscore(workers_key(q), 0, now - 3 * LEASE_TTL_S)
+            time.sleep(LEASE_TTL_S / 2)
+
+    threading.Thread(target=beat, name="optagent-advertise", daemon=True).start()
