@@ -123,6 +123,9 @@ def fingerprint(threads: int, caps: Capabilities | None = None) -> dict[str, Any
         "threads": threads,
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": caps.cpu_bf16,  # native bf16 (AVX512-BF16 / AMX): bf16 speedups are real here
+        "int8_engine": caps.int8_engine,  # torch.ao quantized engine int8 models run on (None: no int8)
+        "torch_threads": torch.get_num_threads(),  # what torch actually uses, vs `threads` asked for
         "device": caps.device,
         "python": platform.python_version(),
     }

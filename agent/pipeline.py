@@ -70,6 +70,10 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     hardware: dict[str, Any] = {}
     worker = worker_identity(int(payload.get("attempt", 1)))
     try:
+        if payload.get("kind") == "confirm":
+            from optagent.confirm import confirm
+
+            return confirm(payload, worker)
         return _run(payload, number, started, worker, hardware)
     except (TrialFailed, UserError) as exc:
         reason = str(exc)
