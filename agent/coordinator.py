@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
 from optagent import pareto
 from optagent.errors import UserError
 from optagent.executors import Executor
@@ -26,8 +29,6 @@ from optagent.hardware import Capabilities
 from optagent.registry import Registry
 from optagent.storage import Job, Trial, get_trial, job_trials, utcnow
 from optagent.strategy import Objective, SpaceContext, flatten, suggest
-from sqlalchemy.engine import Engine
-from sqlmodel import Session
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -57,6 +58,7 @@ class JobConfig:
     executor: str = "local"  # "local" | "celery"
     queue: str = "optagent"
     max_attempts: int = 3
+    confirm: bool = True  # re-measure the Pareto trials interleaved with the baseline when the search ends
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +193,9 @@ class Coordinator:
             self.study.set_metric_names([o.metric for o in self.objectives])
         self._front: dict[int, list[float]] = {}
         self._live: dict[int, optuna.trial.Trial] = {}
+        self._finished: set[int] = set()  # searched trials told to Optuna (complete or failed)
+        self._failed = 0
+        self._job_json = job_dict(self._job())
         self._last_beat = 0.0
         self._source_b64: str | None = None
         self.space: SpaceContext | None = None
@@ -338,9 +343,9 @@ class Coordinator:
                 parts.append(f"{strategy.name}({', '.join(f'{k}={_short(v)}' for k, v in p.items())})")
         return " + ".join(parts) or "baseline"
 
-    def _store_dispatch(self, number: int, params: dict[str, Any]) -> None:
+    def _store_dispatch(self, number: int, params: dict[str, Any], new: bool = False) -> None:
         with Session(self.engine) as s:
-            row = get_trial(s, self.job_id, number) or Trial(job_id=self.job_id, number=number)
+            row = (None if new else get_trial(s, self.job_id, number)) or Trial(job_id=self.job_id, number=number)
             row.state, row.params, row.recipe = "running", params, self._recipe(params)
             s.add(row)
             s.commit()
@@ -371,16 +376,14 @@ class Coordinator:
         params = {s.name: suggest(trial, s, self.space) for s in self.strategies}
         trial.set_user_attr("optagent_number", trial.number)
         self._live[trial.number] = trial
-        self._store_dispatch(trial.number, params)
+        self._store_dispatch(trial.number, params, new=True)
         self.executor.submit(trial.number, self._payload(trial.number, params))
         self._emit("trial_started", number=trial.number, params=params)
-        self.hooks.optagent_trial_started(job=job_dict(self._job()), trial={"number": trial.number, "params": params})
+        self.hooks.optagent_trial_started(job=self._job_json, trial={"number": trial.number, "params": params})
 
     def _tell(self, number: int, result: dict[str, Any]) -> None:
-        with Session(self.engine) as s:
-            row = get_trial(s, self.job_id, number)
-            if row is not None and row.state in ("complete", "failed"):
-                return  # a duplicate (redelivered) result: the first one counts
+        if number in self._finished:
+            return  # a duplicate (redelivered) result: the first one counts
         metrics = result.get("metrics", {})
         values = self._objective_values(metrics) if result["state"] == "complete" else None
         if result["state"] == "complete" and values is None:
@@ -397,11 +400,13 @@ class Coordinator:
             trial.set_user_attr("failure_reason", str(result.get("failure_reason"))[:1000])
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         row = self._store_result(number, result, values, feasible)
+        self._finished.add(number)
+        self._failed += values is None
         if feasible and values is not None:
             self._update_front(number, values)
             row.on_front = number in self._front
         self._emit("trial_finished", trial=trial_dict(row), counts=self.counts())
-        self.hooks.optagent_trial_finished(job=job_dict(self._job()), trial=trial_dict(row))
+        self.hooks.optagent_trial_finished(job=self._job_json, trial=trial_dict(row))
 
     def _trial_handle(self, number: int) -> optuna.trial.Trial:
         """A handle on a RUNNING trial asked by an earlier coordinator (resume). Optuna has no public
@@ -411,11 +416,8 @@ class Coordinator:
         return optuna.trial.Trial(self.study, trial_id)
 
     def counts(self) -> dict[str, int]:
-        with Session(self.engine) as s:
-            rows = job_trials(s, self.job_id)
-        searched = [r for r in rows if r.number > 0]
-        return {"complete": sum(r.state == "complete" for r in searched),
-                "failed": sum(r.state == "failed" for r in searched),
+        """Progress counters, kept in memory so a long search does not re-read every trial per step."""
+        return {"complete": len(self._finished) - self._failed, "failed": self._failed,
                 "running": len(self.executor.in_flight()), "budget": self.cfg.n_trials or 0,
                 "front": len(self._front)}
 
@@ -426,8 +428,11 @@ class Coordinator:
         for row in rows:
             if row.state in ("running", "queued"):
                 self.executor.submit(row.number, self._payload(row.number, row.params))
-            elif row.state == "complete" and row.feasible and row.values is not None:
-                self._update_front(row.number, row.values)
+            elif row.state in ("complete", "failed"):
+                self._finished.add(row.number)
+                self._failed += row.state == "failed"
+                if row.feasible and row.values is not None:
+                    self._update_front(row.number, row.values)
         frozen = {t.number: t for t in self.study.get_trials(deepcopy=False)}
         for row in rows:
             t = frozen.get(row.number)
@@ -449,8 +454,7 @@ class Coordinator:
             budget = self.cfg.n_trials
             while True:
                 self._beat()
-                c = self.counts()
-                finished = c["complete"] + c["failed"]
+                finished = len(self._finished)
                 inflight = self.executor.in_flight()
                 out_of_time = deadline is not None and time.monotonic() >= deadline
                 if (budget is not None and finished >= budget) or (out_of_time and not inflight):
@@ -461,6 +465,8 @@ class Coordinator:
                     inflight = self.executor.in_flight()
                 for outcome in self.executor.poll(0.5):
                     self._tell(outcome.number, outcome.result)
+            if self.cfg.confirm:
+                self._confirm()
         except _Cancelled:
             status, error = "cancelled", "cancelled by `optagent cancel`"
             self._abandon_in_flight("cancelled")
@@ -473,24 +479,69 @@ class Coordinator:
         finally:
             self.executor.close()
         job = self._update_job(status=status, error=error, finished_at=utcnow())
+        self._job_json = job_dict(job)
         front = [trial_dict(t) for t in self.pareto_rows()]
-        self.hooks.optagent_job_finished(job=job_dict(job), pareto=front)
-        self._emit("job_finished", job=job_dict(job), pareto=front)
+        self.hooks.optagent_job_finished(job=self._job_json, pareto=front)
+        self._emit("job_finished", job=self._job_json, pareto=front)
         if status == "failed":
             raise UserError(error or "the job failed")
         return job
 
     def _abandon_in_flight(self, state: str) -> None:
+        """Cancel or fail: stop in-flight trials. Interrupted: leave them (Celery workers finish them and
+        `optagent resume` collects the results; local processes end with the coordinator)."""
+        if state == "interrupted":
+            return
         self.executor.cancel()
         with Session(self.engine) as s:
             for row in job_trials(s, self.job_id):
                 if row.state in ("running", "queued"):
-                    row.state = "cancelled" if state != "interrupted" else row.state
+                    row.state = "cancelled"
                     s.add(row)
-                    if state != "interrupted" and row.number > 0:
+                    if row.number > 0:
                         trial = self._live.pop(row.number, None) or self._trial_handle(row.number)
                         self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             s.commit()
+
+    def _confirm(self) -> None:
+        """Re-measure the Pareto trials interleaved with the baseline in one process (optagent.confirm):
+        the speedups shown at the end are those ratios with their noise band, and ties are called ties."""
+        candidates = {n: row for n, row in ((n, self._row(n)) for n in sorted(self._front) if n > 0) if row}
+        if not candidates:
+            return
+        payload = {**self._payload(-1, {}), "kind": "confirm",
+                   "candidates": {str(n): {"params": row.params, "seed": self.cfg.seed + n}
+                                  for n, row in candidates.items()}}
+        if self.cfg.trial_timeout_s:
+            payload["time_limit_s"] = self.cfg.trial_timeout_s * (len(candidates) + 1)
+        self._emit("confirm_started", trials=sorted(candidates))
+        self.executor.submit(-1, payload)
+        result = None
+        while result is None:
+            self._beat()
+            result = next((o.result for o in self.executor.poll(1.0) if o.number == -1), None)
+        if result.get("state") != "complete":
+            self._emit("confirmed", ok=False, reason=result.get("failure_reason"))
+            return
+        with Session(self.engine) as s:
+            for key, conf in result.get("confirmations", {}).items():
+                row = get_trial(s, self.job_id, int(key))
+                if row is None:
+                    continue
+                if "error" in conf:
+                    row.notes = [*row.notes, f"confirmation failed: {conf['error']}"]
+                else:
+                    row.metrics = {**row.metrics, "confirmed_speedup": conf["speedup"],
+                                   "confirmed_speedup_low": conf["low"], "confirmed_speedup_high": conf["high"],
+                                   "confirmed_latency_ms": conf["latency_ms"], "tie_group": conf["tie_group"]}
+                    row.notes = [*row.notes, f"confirmed vs baseline: {conf['vs_baseline']}"]
+                s.add(row)
+            s.commit()
+        self._emit("confirmed", ok=True, confirmations=result.get("confirmations", {}))
+
+    def _row(self, number: int) -> Trial | None:
+        with Session(self.engine) as s:
+            return get_trial(s, self.job_id, number)
 
     def pareto_rows(self) -> list[Trial]:
         with Session(self.engine) as s:

@@ -108,6 +108,7 @@ def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
     import socket
 
     import torch
+
     from optagent import hardware as hw
     from optagent.registry import build_registry
     from optagent.strategy import Objective, SpaceContext, TrialContext
@@ -167,6 +168,8 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
          hardware: dict[str, Any]) -> dict[str, Any]:
     import math
 
+    from optagent.measure import speedup_band
+
     built = build(payload, worker["host"])
     hardware.update(built.hardware)
     model, ctx, mf = built.model, built.ctx, built.model_file
@@ -180,6 +183,7 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
     batch = _batch(mf, bs, device)
     stats = time_models({"candidate": model, "baseline": baseline}, batch, payload, device, ctx.seed)
     cand, base = stats["candidate"], stats["baseline"]
+    band = speedup_band(base.samples_ms, cand.samples_ms, seed=ctx.seed)
     metrics.update(
         latency_ms=cand.median_ms,
         latency_p90_ms=cand.p90_ms,
@@ -189,7 +193,9 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
         throughput=1000.0 * bs / cand.median_ms,
         baseline_latency_ms=base.median_ms,
         baseline_latency_spread=base.spread,
-        speedup=base.median_ms / cand.median_ms,
+        speedup=band.ratio,  # median of per-round paired ratios: robust to the machine's slow phases
+        speedup_low=band.low,
+        speedup_high=band.high,
         batch_size=float(bs),
     )
     metrics.update({k: float(v) for k, v in ctx.extra_metrics.items()})

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import uuid
 from typing import Any
 
 import sqlalchemy as sa
-from optagent.errors import UserError
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import JSON, Column, Field, Session, SQLModel, select
+
+from optagent.errors import UserError
 
 DEFAULT_DB = "sqlite:///optagent.db"
 
@@ -28,6 +30,8 @@ class Job(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True, unique=True, max_length=200)
+    # globally unique: names Celery tasks, so jobs of different databases sharing one Redis never collide
+    key: str = Field(default_factory=lambda: uuid.uuid4().hex[:16], max_length=32)
     study_name: str = Field(max_length=250)
     model_path: str
     model_hash: str = Field(max_length=64)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from rich.table import Table
+from sqlmodel import Session, select
+
 from optagent.cli._common import DbOpt, JobArg, JsonOpt, fmt, out, print_json
 from optagent.coordinator import job_dict, trial_dict
 from optagent.storage import Job, Trial, find_job, init_db, job_trials, utcnow
-from rich.table import Table
-from sqlmodel import Session, select
 
 
 def _age(when: dt.datetime | None) -> str:
@@ -39,7 +40,8 @@ def pareto_rows(job: Job, trials: list[Trial]) -> list[dict[str, Any]]:
             d[f"{metric}_change"] = t.metrics[metric] - base.metrics[metric]
         d["speedup"] = t.metrics.get("speedup")
         rows.append(d)
-    rows.sort(key=lambda r: -(r["speedup"] or 0.0))
+    rows.sort(key=lambda r: (r["metrics"].get("tie_group", 0), -(r["metrics"].get("confirmed_speedup")
+                                                                 or r["speedup"] or 0.0)))
     return rows
 
 
@@ -72,13 +74,23 @@ def print_pareto(job: Job, trials: list[Trial]) -> None:
         table.add_column(name, justify="right")
     table.add_column(f"Δ{metric}", justify="right")
     table.add_column("speedup", justify="right")
+    table.add_column("confirmed (95% band)", justify="right")
+    table.add_column("rank", justify="right")
     table.add_column("strategies")
     for r in rows:
         change = r.get(f"{metric}_change")
-        table.add_row(str(r["number"]), *[fmt(r["metrics"].get(n)) for n in shown],
+        m = r["metrics"]
+        confirmed = "-"
+        if "confirmed_speedup" in m:
+            confirmed = (f"{m['confirmed_speedup']:.2f}× "
+                         f"({m['confirmed_speedup_low']:.2f}–{m['confirmed_speedup_high']:.2f})")
+        table.add_row(str(r["number"]), *[fmt(m.get(n)) for n in shown],
                       "-" if change is None else f"{change:+.4f}", f"{r['speedup']:.2f}×" if r["speedup"] else "-",
-                      r["recipe"] or "-")
+                      confirmed, str(m["tie_group"]) if "tie_group" in m else "-", r["recipe"] or "-")
     out.print(table)
+    if any("tie_group" in r["metrics"] for r in rows):
+        out.print("confirmed = re-measured after the search, all Pareto trials interleaved with the baseline in one "
+                  "process; equal rank = a tie within the noise")
     if base is not None:
         out.print(f"baseline (trial 0): {metric} {fmt(base.metrics.get(metric))}, latency "
                   f"{fmt(base.metrics.get('latency_ms'))} ms at batch {fmt(base.metrics.get('batch_size'))}, "
@@ -104,11 +116,12 @@ def jobs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
         out.print("no jobs yet; start one with `optagent search model.py`")
         return
     table = Table()
-    for col in ("id", "name", "status", "trials", "failed", "best speedup", "front", "age"):
+    for col in ("id", "name", "status", "trials", "failed", "best speedup (feasible)", "front", "age"):
         table.add_column(col)
     for d in data:
         best = d["best_feasible_speedup"]
-        table.add_row(str(d["id"]), d["name"], d["status"], f"{d['complete']}/{d['budget'] or '∞'}",
+        trials = f"{d['complete']}/{d['budget'] or '∞'}" + (f" +{d['running']} running" if d["running"] else "")
+        table.add_row(str(d["id"]), d["name"], d["status"], trials,
                       str(d["failed"]), f"{best:.2f}×" if best else "-", str(d["pareto_size"]), d["age"])
     out.print(table)
 

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from sqlmodel import Session
+
 from optagent.cli._common import DbOpt, JobArg, JsonOpt, err, out, print_json
 from optagent.cli._progress import LineProgress
 from optagent.errors import UserError
-from sqlmodel import Session
 
 BrokerOpt = Annotated[str | None, typer.Option("--broker", envvar="OPTAGENT_BROKER_URL", show_envvar=False,
                                                help="Celery broker (redis://...); none = local processes.")]
@@ -40,7 +41,7 @@ def _run(engine: Any, url: str, job_id: int, broker: str | None, quiet: bool, as
         job = s.get(Job, job_id)
         assert job is not None
         cfg = JobConfig.from_json(job.config)
-        key = f"{job.id}-{job.model_hash[:8]}"
+        key = job.key
     progress = LineProgress(quiet=quiet or as_json)
     coordinator = Coordinator(engine, url, job_id, registry, _executor(cfg, broker, key), on_event=progress)
     job = coordinator.run()
@@ -173,7 +174,7 @@ def cancel(job_ident: JobArg, db: DbOpt = None, broker: BrokerOpt = None) -> Non
                 from optagent.executors.celery import CeleryExecutor
 
                 CeleryExecutor(broker, queue=job.config.get("queue", "optagent"),
-                               job_key=f"{job.id}-{job.model_hash[:8]}").revoke(in_flight)
+                               job_key=job.key).revoke(in_flight)
         s.add(job)
         s.commit()
         out.print(f"job {job.name}: {'cancelling (the coordinator stops shortly)' if alive else 'cancelled'}")

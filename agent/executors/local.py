@@ -36,6 +36,7 @@ class _Running:
     conn: mpc.Connection
     started: float
     deadline: float | None
+    limit: float | None
 
 
 def _death_reason(exitcode: int | None) -> str:
@@ -69,7 +70,8 @@ class LocalExecutor:
         process.start()
         child.close()
         now = time.monotonic()
-        self._running[number] = _Running(process, parent, now, now + self.time_limit_s if self.time_limit_s else None)
+        limit = payload.get("time_limit_s") or self.time_limit_s
+        self._running[number] = _Running(process, parent, now, now + limit if limit else None, limit)
 
     def in_flight(self) -> set[int]:
         return set(self._running)
@@ -97,7 +99,7 @@ class LocalExecutor:
             if result is None and r.deadline is not None and now > r.deadline:
                 r.process.kill()
                 r.process.join(timeout=5)
-                result = failed_result(number, f"trial exceeded its time limit of {self.time_limit_s:.0f} s "
+                result = failed_result(number, f"trial exceeded its time limit of {r.limit:.0f} s "
                                        "(raise --trial-timeout)", duration_s=now - r.started)
             if result is not None:
                 r.process.join(timeout=5)

@@ -1,0 +1,265 @@
+"""`optagent export` and `optagent apply`: get a trial's model back out, and rebuild it from its recipe.
+
+A trial is rebuilt with `optagent.pipeline.build` from the payload it ran with (same params, same seed,
+same thread count), so the exported model is the one that was measured. Export writes three things:
+
+- the model: whatever the final model's `optagent_export(directory)` writes if it has that method (e.g.
+  an ONNX Runtime session); else `model.pt2` (torch.export, dynamic batch); else TorchScript
+  (`model.torchscript.pt`; torch.ao int8 models land here); else `state_dict.pt` plus the recipe;
+- `recipe.json`: strategies, params, seeds, threads, the baseline model file's sha256, library versions
+  and the hardware fingerprint the trial was measured on;
+- `metrics.json`: the stored metrics, and the evaluation metrics re-computed on the rebuilt model.
+
+`apply` takes a recipe and a model file (which must hash to the recipe's sha256 unless --force),
+rebuilds, re-evaluates and writes the same three files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optagent.errors import TrialFailed, UserError
+from optagent.storage import Job, Trial
+
+RECIPE_FORMAT = "optagent-recipe/1"
+
+
+@dataclass
+class Exported:
+    """What export/apply wrote, and the evaluation metrics of the rebuilt model against the recorded ones."""
+
+    directory: Path
+    files: list[Path] = field(default_factory=list)
+    model_format: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    recorded: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def differences(self) -> dict[str, float]:
+        return {k: v - self.recorded[k] for k, v in self.metrics.items() if k in self.recorded}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"directory": str(self.directory), "files": [str(f) for f in self.files],
+                "model_format": self.model_format, "metrics": self.metrics, "recorded": self.recorded,
+                "differences": self.differences}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("optagent", "torch", "optuna"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def prepare_dir(directory: Path) -> Path:
+    """Create the output directory and check it is writable, or say how to fix it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".optagent-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to {directory} ({exc.strerror or exc}); pick a writable directory "
+                        "with -o") from None
+    return directory
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def exportable_trial(job: Job, trial: Trial | None, number: int) -> Trial:
+    """The trial if it can be exported, else a UserError naming what to do instead."""
+    if trial is None:
+        raise UserError(f"job {job.name} has no trial {number}; `optagent status {job.name}` lists its trials")
+    if trial.state == "failed":
+        raise UserError(f"trial {number} of job {job.name} failed ({trial.failure_reason or 'no reason'}); "
+                        f"export a completed one, e.g. from `optagent pareto {job.name}`")
+    if trial.state != "complete":
+        raise UserError(f"trial {number} of job {job.name} is {trial.state}, not complete; wait for it or "
+                        f"export a completed one (`optagent status {job.name}`)")
+    return trial
+
+
+def recipe_of(job: Job, trial: Trial) -> dict[str, Any]:
+    """The JSON that rebuilds a trial anywhere: everything `pipeline.build` reads, plus provenance."""
+    from optagent.coordinator import payload_for
+
+    payload = payload_for(job, trial)
+    return {
+        "format": RECIPE_FORMAT,
+        "job": {"id": job.id, "name": job.name},
+        "trial": trial.number,
+        "recipe": trial.recipe,
+        "strategies": payload["strategies"],
+        "params": payload["params"],
+        "objectives": payload["objectives"],
+        "seed": payload["seed"],
+        "job_seed": job.config.get("seed", 0),
+        "threads": payload["threads"],
+        "device": payload["device"],
+        "constraint": {"metric": job.config.get("constraint_metric"),
+                       "max_drop": job.config.get("max_accuracy_drop")},
+        "model": {"path": job.model_path, "sha256": job.model_hash},
+        "versions": versions(),
+        "hardware": {k: v for k, v in (trial.hardware or {}).items() if k != "model_info"},
+        "recorded_metrics": trial.metrics,
+    }
+
+
+def _payload(recipe: dict[str, Any], model_path: str, sha256: str) -> dict[str, Any]:
+    return {"trial": recipe["trial"], "job": recipe.get("job") or {}, "params": recipe.get("params") or {},
+            "model": {"path": model_path, "sha256": sha256, "source_b64": None},
+            "strategies": recipe.get("strategies") or list(recipe.get("params") or {}),
+            "objectives": recipe.get("objectives") or [], "seed": recipe.get("seed", 0),
+            "threads": recipe.get("threads", 1), "device": recipe.get("device", "auto"),
+            "measure": {}, "exclusive_measure": False}
+
+
+def _same(want: Any, got: Any) -> bool:
+    import torch
+
+    return isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape \
+        and torch.allclose(want.float(), got.float(), atol=1e-5)
+
+
+def _torch_export(model: Any, example: Any, target: Path) -> bool:
+    """torch.export with a dynamic batch dimension (forward(x) or forward(*args)); False if it cannot."""
+    import torch
+
+    for spec in ({0: torch.export.Dim("batch")},), ((({0: torch.export.Dim("batch")},),)):
+        try:
+            program = torch.export.export(model, (example,), dynamic_shapes=spec)
+            torch.export.save(program, str(target))
+            if _same(model(example), torch.export.load(str(target)).module()(example)):
+                return True
+        except Exception:  # noqa: S112 - try the next spelling, then the next format
+            continue
+    target.unlink(missing_ok=True)
+    return False
+
+
+def _torchscript(model: Any, example: Any, target: Path) -> bool:
+    """TorchScript by tracing (torch.ao quantized models, which torch.export cannot take, trace fine)."""
+    import torch
+
+    try:
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(target))
+        if _same(model(example), torch.jit.load(str(target))(example)):
+            return True
+    except Exception:  # data-dependent control flow and the like
+        pass
+    target.unlink(missing_ok=True)
+    return False
+
+
+def save_model(model: Any, example: Any, directory: Path) -> tuple[list[Path], str]:
+    """Write the model in the most loadable form it allows; returns (files, format).
+
+    Order: the model's own `optagent_export(directory)` (e.g. ONNX Runtime), `model.pt2` (torch.export,
+    load with `torch.export.load(path).module()`), `model.torchscript.pt` (`torch.jit.load`), else
+    `state_dict.pt` (rebuild the module with `optagent apply`). Each candidate must reproduce the eager
+    outputs on the example input before it is kept.
+    """
+    import torch
+
+    hook = getattr(model, "optagent_export", None)
+    if callable(hook):
+        return [Path(p) for p in hook(directory)], "plugin"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if _torch_export(model, example, directory / "model.pt2"):
+            return [directory / "model.pt2"], "torch.export"
+        if _torchscript(model, example, directory / "model.torchscript.pt"):
+            return [directory / "model.torchscript.pt"], "torchscript"
+    target = directory / "state_dict.pt"
+    torch.save(model.state_dict(), target)
+    return [target], "state_dict"
+
+
+def _rebuild(recipe: dict[str, Any], payload: dict[str, Any], directory: Path,
+             recorded: dict[str, Any]) -> Exported:
+    from optagent import pipeline
+
+    try:
+        built = pipeline.build(payload)
+    except TrialFailed as exc:
+        raise UserError(f"rebuilding trial {recipe['trial']} failed: {exc}") from None
+    mf = built.model_file
+    example = mf.example_input().to(built.ctx.device)
+    files, model_format = save_model(built.model, example, directory)
+    metrics = dict(mf.evaluate(built.model))
+    evaluated = {k: float(v) for k, v in recorded.items() if k in metrics}
+    result = Exported(directory, files, model_format, metrics, evaluated)
+    recipe = {**recipe, "model_format": model_format, "model_files": [f.name for f in files]}
+    result.files.insert(0, _write_json(directory / "recipe.json", recipe))
+    result.files.insert(1, _write_json(directory / "metrics.json", {
+        "trial": recipe["trial"], "recorded": recorded, "reevaluated": metrics,
+        "differences": result.differences}))
+    return result
+
+
+def export_trial(job: Job, trial: Trial, directory: Path) -> Exported:
+    """Rebuild a stored trial and write its model, recipe.json and metrics.json into `directory`."""
+    from optagent.contract import sha256_bytes
+
+    prepare_dir(directory)
+    recipe = recipe_of(job, trial)
+    path = Path(job.model_path)
+    current = sha256_bytes(path.read_bytes()) if path.is_file() else None
+    if current != job.model_hash:
+        _write_json(directory / "recipe.json", recipe)
+        what = "is missing" if current is None else "changed since the job ran (sha256 differs)"
+        raise UserError(f"model file {path} {what}; restore it, or rebuild from {directory / 'recipe.json'} "
+                        f"with `optagent apply {directory / 'recipe.json'} MODEL.py -o DIR --force`")
+    return _rebuild(recipe, _payload(recipe, str(path), job.model_hash), directory, trial.metrics)
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"recipe {path} does not exist; pass the recipe.json written by `optagent export`") \
+            from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"recipe {path} is not readable JSON ({exc}); pass the recipe.json written by "
+                        "`optagent export`") from None
+    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT or "params" not in recipe:
+        raise UserError(f"{path} is not an optagent recipe (format {RECIPE_FORMAT}); pass the recipe.json "
+                        "written by `optagent export`")
+    return recipe
+
+
+def apply_recipe(recipe_path: Path, model_path: Path, directory: Path, force: bool = False) -> Exported:
+    """Rebuild a recipe on `model_path`, re-evaluate it and write the same files as export."""
+    from optagent.contract import sha256_bytes
+
+    recipe = load_recipe(recipe_path)
+    if not model_path.is_file():
+        raise UserError(f"model file {model_path} does not exist; pass the model.py the recipe was made from")
+    actual = sha256_bytes(model_path.read_bytes())
+    expected = (recipe.get("model") or {}).get("sha256")
+    if actual != expected and not force:
+        raise UserError(f"{model_path} (sha256 {actual[:12]}…) is not the file the recipe was made from "
+                        f"(sha256 {str(expected)[:12]}…); pass that file, or --force to rebuild anyway")
+    prepare_dir(directory)
+    recipe = {**recipe, "applied": {"model_path": str(model_path.resolve()), "sha256": actual,
+                                    "forced": actual != expected, "versions": versions(),
+                                    "at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                                    "host": platform.node(), "cpu_count": os.cpu_count()}}
+    payload = _payload(recipe, str(model_path.resolve()), actual)
+    return _rebuild(recipe, payload, directory, dict(recipe.get("recorded_metrics") or {}))
