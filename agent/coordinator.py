@@ -191,6 +191,13 @@ class Coordinator:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study.set_metric_names([o.metric for o in self.objectives])
+        # what optuna-dashboard shows about the job (it does not read Optuna 5's named constraints)
+        self.study.set_user_attr("optagent_job", self.job_name)
+        self.study.set_user_attr("model_path", self.model_path)
+        self.study.set_user_attr("model_sha256", self.model_hash)
+        self.study.set_user_attr("constraint",
+                                 f"{self.cfg.constraint_metric} >= baseline - {self.cfg.max_accuracy_drop}")
+        self._recipes: dict[int, str] = {}
         self._front: dict[int, list[float]] = {}
         self._live: dict[int, optuna.trial.Trial] = {}
         self._finished: set[int] = set()  # searched trials told to Optuna (complete or failed)
@@ -281,6 +288,7 @@ class Coordinator:
             frozen.set_constraint(CONSTRAINT, 0.0)
             self.study.add_trial(frozen)
         self._update_front(0, values)
+        self.study.set_user_attr("baseline_metrics", self.baseline)
         self._emit("baseline", metrics=self.baseline)
 
     def _setup_space(self, result: dict[str, Any]) -> None:
@@ -343,10 +351,17 @@ class Coordinator:
                 parts.append(f"{strategy.name}({', '.join(f'{k}={_short(v)}' for k, v in p.items())})")
         return " + ".join(parts) or "baseline"
 
+    def _recipe_of(self, number: int) -> str:
+        if number not in self._recipes:  # dispatched by an earlier coordinator
+            row = self._row(number)
+            self._recipes[number] = row.recipe if row else ""
+        return self._recipes[number]
+
     def _store_dispatch(self, number: int, params: dict[str, Any], new: bool = False) -> None:
         with Session(self.engine) as s:
             row = (None if new else get_trial(s, self.job_id, number)) or Trial(job_id=self.job_id, number=number)
             row.state, row.params, row.recipe = "running", params, self._recipe(params)
+            self._recipes[number] = row.recipe
             s.add(row)
             s.commit()
 
@@ -391,10 +406,16 @@ class Coordinator:
             result = {**result, "state": "failed", "failure_reason": f"objective metric {', '.join(missing)} missing"}
         trial = self._live.pop(number, None) or self._trial_handle(number)
         feasible = None
+        trial.set_user_attr("recipe", self._recipe_of(number))
         if values is not None:
             c = self._constraint(metrics)
             feasible = c <= 0
             trial.set_constraint(CONSTRAINT, c)
+            trial.set_user_attr("feasible", feasible)
+            trial.set_user_attr(CONSTRAINT, c)
+            for key in ("speedup", "model_size_mb"):
+                if key in metrics:
+                    trial.set_user_attr(key, metrics[key])
             self.study.tell(trial, values, skip_if_finished=True)
         else:
             trial.set_user_attr("failure_reason", str(result.get("failure_reason"))[:1000])

@@ -56,6 +56,11 @@ def test_search_stores_every_trial_and_a_non_dominated_feasible_front(finished_j
         assert t["feasible"]
         assert t["metrics"]["accuracy"] >= baseline["metrics"]["accuracy"] - 0.01
         assert not any(dominates(o["values"], t["values"], signs) for o in trials if o["feasible"] and o is not t)
+    for t in front:  # the confirmation pass re-measured every Pareto trial against the baseline
+        if t["number"] > 0:
+            m = t["metrics"]
+            assert m["confirmed_speedup_low"] <= m["confirmed_speedup"] <= m["confirmed_speedup_high"]
+            assert m["tie_group"] >= 1
     for t in trials:  # every feasible trial not on the front is dominated by a front member
         if t["feasible"] and not t["on_front"]:
             assert any(dominates(f["values"], t["values"], signs) for f in front)

@@ -10,7 +10,7 @@ import typer
 from sqlmodel import Session
 
 from optagent.cli._common import DbOpt, JobArg, JsonOpt, err, out, print_json
-from optagent.cli._progress import LineProgress
+from optagent.cli._progress import make_progress
 from optagent.errors import UserError
 
 BrokerOpt = Annotated[str | None, typer.Option("--broker", envvar="OPTAGENT_BROKER_URL", show_envvar=False,
@@ -42,9 +42,11 @@ def _run(engine: Any, url: str, job_id: int, broker: str | None, quiet: bool, as
         assert job is not None
         cfg = JobConfig.from_json(job.config)
         key = job.key
-    progress = LineProgress(quiet=quiet or as_json)
-    coordinator = Coordinator(engine, url, job_id, registry, _executor(cfg, broker, key), on_event=progress)
-    job = coordinator.run()
+    progress = make_progress(quiet=quiet or as_json, objectives=cfg.objectives, budget=cfg.n_trials,
+                             timeout_s=cfg.timeout_s)
+    with progress:
+        coordinator = Coordinator(engine, url, job_id, registry, _executor(cfg, broker, key), on_event=progress)
+        job = coordinator.run()
     with Session(engine) as s:
         trials = job_trials(s, job_id)
         job = s.get(Job, job_id)
