@@ -114,6 +114,7 @@ def init_db(url: str | None) -> Engine:
     engine = engine_for(url)
     try:
         SQLModel.metadata.create_all(engine)
+        _add_missing_columns(engine)
     except sa.exc.OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         shown = engine.url.render_as_string(hide_password=True)
@@ -123,6 +124,21 @@ def init_db(url: str | None) -> Engine:
         raise UserError(f"the database driver {exc.name!r} is not installed; pip install 'optagent[postgres]'") \
             from None
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a database made by an older optagent up to date: new columns are added (nullable), nothing
+    is dropped or rewritten, so stored jobs and trials survive an upgrade."""
+    inspector = sa.inspect(engine)
+    for table in (Job.__table__, Trial.__table__):  # type: ignore[attr-defined]
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in present]
+        if not missing:
+            continue
+        with engine.begin() as conn:
+            for column in missing:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def find_job(session: Session, ident: str) -> Job:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
+from sqlmodel import Session
+
 from optagent.coordinator import JobConfig, create_job
 from optagent.errors import UserError
 from optagent.storage import Trial, engine_for, find_job, get_trial, init_db, job_trials, normalize_url
-from sqlmodel import Session
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -75,3 +76,22 @@ def test_password_is_not_in_the_error() -> None:
     with pytest.raises(UserError) as info:
         init_db("postgresql+psycopg://nobody:hunter2@127.0.0.1:1/none")
     assert "hunter2" not in str(info.value)
+
+
+def test_a_database_from_an_older_version_is_upgraded_in_place(tmp_path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)  # the jobs table as an earlier optagent made it: no `key` column
+    con.execute("CREATE TABLE optagent_jobs (id INTEGER PRIMARY KEY, name VARCHAR(200) NOT NULL UNIQUE, "
+                "study_name VARCHAR(250) NOT NULL, model_path VARCHAR NOT NULL, model_hash VARCHAR(64) NOT NULL, "
+                "config JSON NOT NULL, status VARCHAR(20) NOT NULL, error VARCHAR, created_at DATETIME NOT NULL, "
+                "started_at DATETIME, finished_at DATETIME, heartbeat_at DATETIME)")
+    con.execute("INSERT INTO optagent_jobs VALUES (1, 'old', 's', '/m.py', 'h', '{}', 'completed', NULL, "
+                "'2026-01-01 00:00:00', NULL, NULL, NULL)")
+    con.commit()
+    con.close()
+    engine = init_db(f"sqlite:///{path}")
+    with Session(engine) as s:
+        job = find_job(s, "old")
+        assert job.status == "completed" and job.key is None

@@ -41,7 +41,7 @@ def _run(engine: Any, url: str, job_id: int, broker: str | None, quiet: bool, as
         job = s.get(Job, job_id)
         assert job is not None
         cfg = JobConfig.from_json(job.config)
-        key = job.key
+        key = job.key or f"job{job.id}"
     progress = make_progress(quiet=quiet or as_json, objectives=cfg.objectives, budget=cfg.n_trials,
                              timeout_s=cfg.timeout_s)
     with progress:
@@ -176,7 +176,7 @@ def cancel(job_ident: JobArg, db: DbOpt = None, broker: BrokerOpt = None) -> Non
                 from optagent.executors.celery import CeleryExecutor
 
                 CeleryExecutor(broker, queue=job.config.get("queue", "optagent"),
-                               job_key=job.key).revoke(in_flight)
+                               job_key=job.key or f"job{job.id}").revoke(in_flight)
         s.add(job)
         s.commit()
         out.print(f"job {job.name}: {'cancelling (the coordinator stops shortly)' if alive else 'cancelled'}")
