@@ -4,6 +4,9 @@ A plugin is a module or object with functions decorated by ``optagent.hookimpl``
 specs below. Plugins are found through the ``optagent`` entry-point group (see docs/plugins.md).
 Hooks that receive job or trial data receive plain JSON-compatible dicts, so a plugin never depends on
 optagent's storage classes.
+
+The lifecycle hooks (job/trial started/finished) run in the coordinator process only; an exception in one
+is logged as a warning naming the plugin and never stops the job (see `optagent.registry`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,99 @@
+"""`optagent plugins`: what is installed, where it came from, and the search space each strategy adds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optagent.cli._common import JsonOpt, out, print_json
+
+DEFAULT_OBJECTIVES = ("accuracy:max", "latency_ms:min")
+
+
+def _space_context() -> Any:
+    from optagent import hardware
+    from optagent.strategy import Objective, SpaceContext
+
+    caps = hardware.detect("auto")
+    return SpaceContext(capabilities=caps, objectives=tuple(Objective.parse(o) for o in DEFAULT_OBJECTIVES))
+
+
+def describe_plugins(registry: Any, ctx: Any) -> dict[str, Any]:
+    """The JSON document `optagent plugins --json` prints (also used by tests and reports)."""
+    plugins = []
+    for info in registry.plugins.values():
+        strategies = []
+        for name in info.strategies:
+            strategy = registry.strategies[name]
+            try:
+                described = strategy.describe(ctx)
+            except Exception as exc:  # a plugin bug must not hide the other plugins
+                described = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
+            strategies.append(described)
+        plugins.append({
+            "name": info.name, "version": info.version, "distribution": info.distribution,
+            "source": info.source, "builtin": info.builtin, "hooks": info.hooks,
+            "strategies": strategies, "metrics": [registry.metrics[m].describe() for m in info.metrics],
+        })
+    return {
+        "plugins": plugins,
+        "warnings": list(registry.warnings),
+        "space_context": {"device": ctx.capabilities.device, "objectives": list(DEFAULT_OBJECTIVES)},
+    }
+
+
+def _param_text(p: dict[str, Any]) -> str:
+    if p.get("type") == "categorical":
+        text = f"{p['name']} in {{{', '.join(str(c) for c in p['choices'])}}}"
+    elif p.get("type") in ("int", "float"):
+        step = f" step {p['step']}" if p.get("step") not in (None, 1) else ""
+        text = f"{p['name']} {p['type']} [{p['low']}, {p['high']}]{step}{' log' if p.get('log') else ''}"
+    else:
+        text = f"{p['name']} ({p.get('type')})"
+    if p.get("when"):
+        cond = " and ".join(f"{k} in {{{', '.join(str(v) for v in vs)}}}" for k, vs in p["when"].items())
+        text += f"  when {cond}"
+    return text
+
+
+def _print_human(doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    for plugin in doc["plugins"]:
+        origin = "built in" if plugin["builtin"] else plugin["source"].replace("_", " ")
+        dist = f", {plugin['distribution']}" if plugin["distribution"] and not plugin["builtin"] else ""
+        out.print(f"[bold]{plugin['name']}[/bold] {plugin['version'] or '(no version)'} ({origin}{dist})")
+        if plugin["strategies"]:
+            table = Table(show_header=True, header_style="bold", show_lines=True)
+            table.add_column("strategy", max_width=48)
+            table.add_column("stage")
+            table.add_column("search space")
+            table.add_column("off")
+            for s in plugin["strategies"]:
+                if "error" in s:
+                    table.add_row(s["name"], "-", f"[red]error: {s['error']}[/red]", "-")
+                    continue
+                space = "\n".join(_param_text(p) for p in s["space"])
+                off = ", ".join(f"{k}={v}" for k, v in s["off"].items())
+                table.add_row(f"{s['name']}\n[dim]{s['description']}[/dim]", s["stage"], space, off)
+            out.print(table)
+        for m in plugin["metrics"]:
+            out.print(f"  metric {m['name']} ({m['unit']}, {m['direction']}): {m['description']}")
+        other = [h for h in plugin["hooks"] if h not in ("optagent_register_strategies", "optagent_register_metrics")]
+        if other:
+            out.print(f"  hooks: {', '.join(other)}")
+    ctx = doc["space_context"]
+    out.print(f"[dim]search spaces as offered on this machine ({ctx['device']}) for objectives "
+              f"{', '.join(ctx['objectives'])}; OPTAGENT_PLUGINS limits which installed plugins load[/dim]")
+
+
+def plugins(as_json: JsonOpt = False) -> None:
+    """List installed plugins with their versions, strategies (search spaces) and metrics."""
+    from optagent.registry import build_registry
+
+    registry = build_registry()
+    doc = describe_plugins(registry, _space_context())
+    # Load warnings already went to stderr through logging (one line each, as in workers); --json has them too.
+    if as_json:
+        print_json(doc)
+    else:
+        _print_human(doc)
