@@ -5,5 +5,6 @@ DEFAULT_PLUGINS = (
     "optagent.plugins.finetune",
     "optagent.plugins.quantization",
     "optagent.plugins.batch_size",
+    "optagent.plugins.runtime",
     "optagent.plugins.metrics",
 )

@@ -4,6 +4,11 @@ Only modes the hardware and an installed backend support are offered. Integer qu
 small `_Backend` interface: torch.ao.quantization (deprecated upstream, pytorch #153892, but present in
 torch 2.x and fast on CPU without torch.compile) is the one shipped; a torchao backend can be added to
 `BACKENDS` and is then offered as a `backend` choice without touching the strategy.
+
+Precision follows the runtime: when the `runtime` strategy serves the model with torch.compile or ONNX
+Runtime (it publishes `trial.settings["runtime"]` in `configure`), this strategy does not touch the model
+and hands its mode over in `trial.settings["precision"]`; the runtime quantizes with its own toolchain
+(PT2E for torch.compile, onnxruntime.quantization for ONNX Runtime). See `optagent.plugins.runtime`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from optagent.strategy import Param, Params, SpaceContext, Stage, Strategy, Tria
 
 if TYPE_CHECKING:
     import torch
+
     from optagent.hardware import Capabilities
 
 INT8_MODES = ("dynamic_int8", "static_int8")
@@ -180,6 +186,11 @@ class QuantizationStrategy(Strategy):
 
         mode = params.get("mode", "none")
         if mode == "none":
+            return model
+        runtime = trial.settings.get("runtime", "eager")
+        if runtime != "eager":  # the runtime (a later stage) quantizes with its own toolchain
+            trial.settings["precision"] = mode
+            trial.notes.append(f"quantization: {mode} is done by the {runtime} runtime's own toolchain")
             return model
         model.eval()
         if mode in ("fp16", "bf16"):

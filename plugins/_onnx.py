@@ -1,0 +1,206 @@
+"""ONNX export, ONNX Runtime quantization and sessions for the runtime strategy.
+
+Imported lazily by `optagent.plugins.runtime` (it imports torch, onnx and onnxruntime). The model is
+exported with the batch axis dynamic, so model.py's evaluation can feed any batch size; a model whose
+batch size cannot be symbolic (e.g. a hard-coded reshape) is exported at the serving batch instead and
+fed in slices of that size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from optagent.errors import TrialFailed
+from optagent.plugins._compile import _under_dispatch_mode, chunked, first_line
+
+LEVELS = ("basic", "extended", "all")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter reports progress on stdout and warns about torchvision ops it cannot register."""
+    import warnings
+
+    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript", "root")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> bool:
+    """Export to ONNX with a dynamic batch axis if possible; returns whether the batch axis is dynamic."""
+    first: Exception | None = None
+    for dynamic in (True, False):
+        shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+        try:
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=shapes,
+                                  input_names=["input"], verbose=False, optimize=True,
+                                  external_data=False)
+            return dynamic
+        except Exception as exc:
+            first = first or exc
+    assert first is not None
+    raise TrialFailed(f"torch.onnx cannot export the model: {first_line(first)}") from first
+
+
+def quantize(src: Path, dst: Path, precision: str, calibration: Iterable[torch.Tensor], batch: int | None) -> None:
+    """ONNX Runtime's own int8: dynamic (MatMul/Gemm, weights int8, activations per call) or static QDQ."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_suffix(".pre.onnx")
+    try:
+        with _quiet():
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+            if precision == "dynamic_int8":
+                quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                                 op_types_to_quantize=["MatMul", "Gemm"])
+            else:
+                feeds = iter([{"input": b} for b in _numpy_batches(calibration, batch)])
+
+                class Reader(CalibrationDataReader):
+                    def get_next(self) -> dict[str, np.ndarray] | None:
+                        return next(feeds, None)
+
+                reader = Reader()
+                quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    except TrialFailed:
+        raise
+    except Exception as exc:
+        raise TrialFailed(f"ONNX Runtime {precision} quantization failed: {first_line(exc)}") from exc
+
+
+def _numpy_batches(batches: Iterable[torch.Tensor], batch: int | None) -> Iterator[np.ndarray]:
+    for x in batches:
+        x = x.detach().cpu().float()
+        if batch is None:
+            yield x.numpy()
+        else:  # a fixed-batch export: feed calibration in slices of that size, the last one padded
+            for start in range(0, x.shape[0], batch):
+                part = x[start:start + batch]
+                if part.shape[0] < batch:
+                    part = torch.cat([part, part[-1:].expand(batch - part.shape[0], *part.shape[1:])])
+                yield part.numpy()
+
+
+def session(path: Path, threads: int, level: str, providers: list[str]) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    options.log_severity_level = 3  # errors only
+    # idle worker threads would spin after each run and steal the cores from the baseline timed next
+    # (interleaved timing), inflating the measured speedup; serving without spinning is the honest figure
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:
+        raise TrialFailed(f"ONNX Runtime cannot load the exported model: {first_line(exc)}") from exc
+
+
+class OrtModule(torch.nn.Module):
+    """An ONNX Runtime session behind the torch calling convention: tensors in, tensors out.
+
+    The ONNX file's bytes are a buffer, so `state_dict()` (and model_size_mb) measures the file a user
+    ships. `source` is the float torch module that was exported, kept for FLOP counting only.
+    """
+
+    _source: torch.nn.Module
+    onnx_model: torch.Tensor
+
+    def __init__(self, onnx_bytes: bytes, sess: Any, source: torch.nn.Module, fixed_batch: int | None,
+                 recipe: dict[str, Any]):
+        super().__init__()
+        self.register_buffer("onnx_model", torch.frombuffer(bytearray(onnx_bytes), dtype=torch.uint8))
+        object.__setattr__(self, "_source", source)  # not a submodule: its weights are not in the .onnx's size
+        self._session = sess
+        self._input = sess.get_inputs()[0].name
+        self.fixed_batch = fixed_batch
+        self.recipe = recipe
+
+    def _run(self, x: torch.Tensor) -> Any:
+        feed = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        outs = self._session.run(None, {self._input: feed})
+        tensors = [torch.from_numpy(o).to(x.device) for o in outs]
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if _under_dispatch_mode():
+            if self.recipe.get("precision", "none") != "none":
+                raise RuntimeError("an int8 ONNX graph has no float FLOP count")
+            return self._source(x)
+        if self.fixed_batch is None:
+            return self._run(x)
+        return chunked(self._run, x, self.fixed_batch)
+
+    def train(self, mode: bool = True) -> OrtModule:
+        """Serving only: there is nothing to switch in an ONNX Runtime session."""
+        self.training = mode
+        return self
+
+    def extra_repr(self) -> str:
+        return f"providers={self._session.get_providers()}, recipe={self.recipe}"
+
+    def optagent_export(self, directory: Path) -> list[Path]:
+        """The .onnx file, plus the session settings it was measured with."""
+        directory.mkdir(parents=True, exist_ok=True)
+        model = directory / "model.onnx"
+        model.write_bytes(self.onnx_model.numpy().tobytes())
+        settings = directory / "onnxruntime_session.json"
+        settings.write_text(json.dumps({**self.recipe, "input": self._input,
+                                        "providers": self._session.get_providers()}, indent=2) + "\n")
+        return [model, settings]
+
+
+def build(model: torch.nn.Module, example: torch.Tensor, precision: str, calibration: Iterable[torch.Tensor],
+          threads: int, level: str, providers: list[str]) -> tuple[OrtModule, float]:
+    """Export, quantize (if asked), open the session; returns the wrapper and the seconds it took."""
+    started = time.perf_counter()
+    model = model.eval()
+    with tempfile.TemporaryDirectory(prefix="optagent-onnx-") as tmp:
+        fp32 = Path(tmp) / "model.onnx"
+        dynamic = export(model, example, fp32)
+        fixed = None if dynamic else int(example.shape[0])
+        final = fp32
+        if precision in ("dynamic_int8", "static_int8"):
+            final = Path(tmp) / "model.int8.onnx"
+            quantize(fp32, final, precision, calibration, fixed)
+        sess = session(final, threads, level, providers)
+        data = final.read_bytes()
+    recipe = {"engine": "onnxruntime", "precision": precision, "graph_optimization_level": level,
+              "intra_op_num_threads": threads, "inter_op_num_threads": 1, "dynamic_batch": dynamic}
+    return OrtModule(data, sess, model, fixed, recipe), time.perf_counter() - started

@@ -1,0 +1,242 @@
+"""The inference runtime as a searched choice: eager PyTorch, torch.compile (Inductor), or ONNX Runtime.
+
+Which runtime is fastest depends on the model, the batch size and the machine (ONNX Runtime won 3x at
+batch 1 on a small CNN here, PT2E int8 under torch.compile 6.5x at batch 64 but lost at batch 1), so it
+is measured per trial like everything else. Only what can run here is offered: torch.compile where
+Inductor has a C++ compiler (CPU) or a GPU, ONNX Runtime where onnx, onnxruntime and onnxscript are
+installed, GPU execution providers only on a CUDA worker that has them.
+
+Precision follows the runtime. The `quantization` strategy's `mode` says *what* precision to serve;
+the runtime decides *how*: with eager PyTorch the quantization strategy applies torch.ao itself; with
+another engine it hands the mode over (`trial.settings["precision"]`) and the runtime implements it
+with its own toolchain:
+
+    mode           eager (torch.ao)        compile                           onnxruntime
+    dynamic_int8   quantize_dynamic        PT2E x86 Inductor, dynamic        quantize_dynamic (MatMul/Gemm)
+    static_int8    FX prepare/convert      PT2E x86 Inductor, calibrated     quantize_static, QDQ, per-channel
+    bf16 / fp16    cast wrapper            cast wrapper, compiled            fp16: cast wrapper exported (GPU);
+                                                                             bf16: fails (no CPU bf16 kernels)
+
+So one `quantization.mode` x `runtime.engine` grid covers every combination without duplicates, and
+the only sampled-but-impossible pair is bf16 x onnxruntime on CPU, which fails at once with the reason
+(strategies declare their spaces separately, so one strategy cannot hide a choice of another). Pruning
+and fine-tuning run earlier (COMPRESS, FINETUNE) in PyTorch, so the runtime receives the pruned model.
+
+Setup cost (export, quantization, session creation, compilation) is reported as `export_time_s` /
+`compile_time_s`, never as latency: the pipeline warms every model up before timing it interleaved
+with the baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from optagent.errors import TrialFailed
+from optagent.hookspecs import hookimpl
+from optagent.strategy import Param, Params, SpaceContext, Stage, Strategy, TrialContext, categorical
+
+if TYPE_CHECKING:
+    import torch
+
+ENGINES = ("eager", "compile", "onnxruntime")
+INT8 = ("dynamic_int8", "static_int8")
+
+
+def _installed(*modules: str) -> bool:
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in modules)
+    except (ImportError, ValueError):
+        return False
+
+
+def compile_ok(device: str) -> bool:
+    """Inductor is there, and on CPU a C++ compiler for its generated kernels."""
+    import os
+    import shutil
+
+    if not _installed("torch._inductor"):
+        return False
+    return device == "cuda" or any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++"))
+
+
+def onnx_ok() -> bool:
+    return _installed("onnx", "onnxruntime", "onnxscript")
+
+
+def ort_gpu_providers() -> list[str]:
+    """ONNX Runtime's GPU execution providers present in this install (TensorRT first)."""
+    if not onnx_ok():
+        return []
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have]
+
+
+def offered_engines(ctx: SpaceContext) -> list[str]:
+    engines = ["eager"]
+    if compile_ok(ctx.capabilities.device):
+        engines.append("compile")
+    if onnx_ok():
+        engines.append("onnxruntime")
+    return engines
+
+
+class RuntimeStrategy(Strategy):
+    name = "runtime"
+    stage = Stage.DEPLOY
+    description = ("Serve the model with eager PyTorch, torch.compile (Inductor, weights frozen) or ONNX Runtime; "
+                   "int8/bf16 from the quantization strategy is done by the chosen runtime's own toolchain.")
+
+    def search_space(self, ctx: SpaceContext) -> list[Param]:
+        engines = offered_engines(ctx)
+        space = [categorical("engine", engines, help="inference runtime that serves the model")]
+        cuda = ctx.capabilities.device == "cuda"
+        if "compile" in engines:
+            # CUDA graphs (reduce-overhead, max-autotune) exist only on CUDA
+            modes = ("default", "reduce-overhead", "max-autotune") if cuda else ("default",
+                                                                               "max-autotune-no-cudagraphs")
+            space.append(categorical("compile_mode", modes, when={"engine": ["compile"]},
+                                     help="torch.compile mode (max-autotune benchmarks kernels: slower compile)"))
+        if "onnxruntime" in engines:
+            space.append(categorical("ort_level", ("basic", "extended", "all"), when={"engine": ["onnxruntime"]},
+                                     help="ONNX Runtime graph optimization level"))
+            gpu = ort_gpu_providers() if cuda else []
+            if gpu:
+                space.append(categorical("ort_provider", gpu, when={"engine": ["onnxruntime"]},
+                                         help="ONNX Runtime execution provider on this GPU worker"))
+        return space
+
+    def off_params(self, ctx: SpaceContext) -> Params:
+        return {"engine": "eager"}
+
+    def configure(self, params: Params, trial: TrialContext) -> None:
+        """Publish the engine before any stage runs, so the quantization strategy knows to hand over."""
+        trial.settings["runtime"] = params.get("engine", "eager")
+
+    def apply(self, model: torch.nn.Module, params: Params, trial: TrialContext) -> torch.nn.Module:
+        engine = params.get("engine", "eager")
+        if engine == "eager":
+            return model
+        if engine not in ENGINES:
+            raise TrialFailed(f"runtime engine {engine!r} is unknown; use one of {', '.join(ENGINES)}")
+        if trial.device.type == "cuda" and engine == "onnxruntime" and "ort_provider" not in params:
+            trial.notes.append("runtime: no GPU execution provider in onnxruntime here; ran on the CPU provider")
+        precision = str(trial.settings.get("precision", "none"))
+        model = model.eval()
+        if engine == "compile":
+            return _compiled(model, params, trial, precision)
+        return _onnxruntime(model, params, trial, precision)
+
+
+def torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def _example(trial: TrialContext, model: torch.nn.Module) -> torch.Tensor:
+    """A real batch at the trial's serving batch size, on the model's device."""
+    import torch
+
+    from optagent.plugins._util import model_device
+
+    data = trial.model_file.data().eval
+    size = trial.infer_batch_size
+    xs = [torch.as_tensor(data[i % len(data)][0]) for i in range(size)]
+    return torch.stack(xs).to(model_device(model, trial.device))
+
+
+def _calibration(trial: TrialContext, model: torch.nn.Module) -> Any:
+    from optagent.plugins.quantization import _calibration as batches
+
+    return batches(trial, model)
+
+
+def _max_diff(reference: torch.nn.Module, served: torch.nn.Module, example: torch.Tensor) -> float:
+    import torch
+
+    with torch.inference_mode():
+        want, got = reference(example), served(example)
+    if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape:
+        return float((want.float() - got.float()).abs().max())
+    return float("nan")
+
+
+def _cast_wrapper(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    import torch
+
+    from optagent.plugins.quantization import _low_precision_class
+
+    return _low_precision_class()(model, torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _compiled(model: torch.nn.Module, params: Params, trial: TrialContext, precision: str) -> torch.nn.Module:
+    from optagent.plugins import _compile as tc
+
+    example = _example(trial, model)
+    reference = model
+    source = tc.copy_for_compile(model)
+    recipe: dict[str, Any] = {"engine": "compile", "precision": precision, "batch_size": int(example.shape[0]),
+                              "threads": trial.threads}
+    if precision in INT8:
+        if trial.device.type != "cpu" or not trial.capabilities.x86:
+            raise TrialFailed(f"{precision} under torch.compile uses the x86 Inductor quantizer: x86 CPU only")
+        mode = params.get("compile_mode", "default")
+        if precision == "dynamic_int8" and mode.startswith("max-autotune"):
+            # torch 2.13: the process aborts ("double free or corruption") while Inductor autotunes its CPU
+            # GEMM template for dynamically quantized Linear layers; fail fast instead of losing the process
+            raise TrialFailed("dynamic_int8 with compile_mode max-autotune crashes Inductor's CPU GEMM autotuner "
+                              f"in torch {torch_version()}; use compile_mode=default")
+        if not tc.pt2e_available():
+            raise TrialFailed(f"{precision} under torch.compile needs torchao's PT2E flow; pip install torchao")
+        import time
+
+        started = time.perf_counter()
+        source = tc.pt2e_quantize(source, example, _calibration(trial, model), dynamic=precision == "dynamic_int8")
+        trial.extra_metrics["quantize_time_s"] = time.perf_counter() - started
+    elif precision in ("bf16", "fp16"):
+        source = _cast_wrapper(source, precision)
+    elif precision != "none":
+        raise TrialFailed(f"precision {precision!r} is unknown to the compile runtime")
+    served, seconds = tc.compile_model(source, example, params.get("compile_mode", "default"), recipe)
+    trial.extra_metrics["compile_time_s"] = seconds
+    trial.extra_metrics["runtime_max_abs_diff"] = _max_diff(reference, served, example)
+    trial.notes.append(f"runtime: torch.compile ({recipe.get('precision')}, mode "
+                       f"{params.get('compile_mode', 'default')}) compiled in {seconds:.1f} s at batch "
+                       f"{recipe['batch_size']}; other batch sizes run in slices of that size")
+    return served
+
+
+def _onnxruntime(model: torch.nn.Module, params: Params, trial: TrialContext, precision: str) -> torch.nn.Module:
+    from optagent.plugins import _onnx
+
+    if precision == "bf16":
+        raise TrialFailed("quantization.mode=bf16 cannot run under ONNX Runtime: its CPU execution provider has "
+                          "no bf16 kernels; use runtime.engine=compile or eager for bf16")
+    if precision == "fp16" and trial.device.type != "cuda":
+        raise TrialFailed("fp16 under ONNX Runtime needs a GPU execution provider")
+    if precision not in ("none", "fp16", *INT8):
+        raise TrialFailed(f"precision {precision!r} is unknown to the onnxruntime runtime")
+    if precision in INT8 and trial.device.type != "cpu":
+        model = model.cpu()  # ORT int8 kernels are CPU kernels
+    example = _example(trial, model)
+    provider = params.get("ort_provider")
+    providers = [provider, "CPUExecutionProvider"] if provider else ["CPUExecutionProvider"]
+    exported = _cast_wrapper(model, "fp16") if precision == "fp16" else model
+    served, seconds = _onnx.build(exported, example, precision, _calibration(trial, model), trial.threads,
+                                  params.get("ort_level", "all"), providers)
+    trial.extra_metrics["export_time_s"] = seconds
+    trial.extra_metrics["runtime_max_abs_diff"] = _max_diff(model, served, example)
+    if served.fixed_batch is not None:
+        trial.notes.append(f"runtime: the batch axis could not be exported as dynamic; the ONNX model is fixed at "
+                           f"batch {served.fixed_batch} and other batch sizes run in slices")
+    return served
+
+
+@hookimpl
+def optagent_register_strategies(register: Callable[[Strategy], None]) -> None:
+    register(RuntimeStrategy())
