@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import math
@@ -237,7 +238,8 @@ def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
             elif len(ds) == 0:
                 problems.append(Problem(f"load_data().{split}", "is empty", "give it at least one sample"))
             else:
-                item = attempt(f"load_data().{split}[0]", lambda ds=ds: ds[0], "make items (input, target)")
+                first: Callable[[], Any] = functools.partial(ds.__getitem__, 0)
+                item = attempt(f"load_data().{split}[0]", first, "make items (input, target)")
                 if item is not None and not (isinstance(item, tuple | list) and len(item) == 2):
                     problems.append(Problem(f"load_data().{split}[0]", "is not an (input, target) pair",
                                             "make each item a tuple (input_tensor, target)"))

@@ -178,8 +178,10 @@ def param_importances(job: Job, url: str | None) -> dict[str, dict[str, float]] 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # the default evaluator ranks parameters for LOW targets: negate maximised objectives
-                out[name] = optuna.importance.get_param_importances(
-                    study, target=lambda t, i=i, sign=sign: -sign * t.values[i])
+                def target(t: optuna.trial.FrozenTrial, i: int = i, sign: float = sign) -> float:
+                    return -sign * t.values[i]
+
+                out[name] = optuna.importance.get_param_importances(study, target=target)
         except Exception as exc:
             return f"parameter importances are unavailable: {type(exc).__name__}: {exc}"
     return out

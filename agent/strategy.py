@@ -26,6 +26,7 @@ from optuna.distributions import (
 if TYPE_CHECKING:
     import optuna
     import torch
+
     from optagent.contract import ModelFile
     from optagent.hardware import Capabilities
 

@@ -58,11 +58,12 @@ def main() -> None:
 
     os.environ["OPTAGENT_CACHE_DIR"] = env["OPTAGENT_CACHE_DIR"]
     import torch
+    from sqlmodel import Session
+
     from optagent.coordinator import payload_for
     from optagent.measure import MeasureSettings, interleaved
     from optagent.pipeline import _batch, build
     from optagent.storage import engine_for, find_job, get_trial
-    from sqlmodel import Session
 
     torch.set_num_threads(args.threads)
     engine = engine_for(db)

@@ -19,10 +19,11 @@ import time
 from functools import lru_cache
 
 import numpy as np
-import optagent
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
+
+import optagent
 
 SEED = 0
 SERVING_BATCH = 32  # a serving micro-batch: compute-bound and far less noisy to time than batch 1

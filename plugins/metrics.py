@@ -18,6 +18,7 @@ from optagent.plugins._util import is_quantized, model_device, state_tensors, to
 
 if TYPE_CHECKING:
     import torch
+
     from optagent.strategy import TrialContext
 
 MIB = float(2**20)

@@ -6,6 +6,7 @@ import random
 import time
 
 import pytest
+
 from optagent.measure import LatencyStats, MeasureSettings, interleaved
 from optagent.pareto import dominates, front_of, insert
 

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 import pytest
+
 from optagent.errors import UserError
 from optagent.hookspecs import hookimpl
 from optagent.metrics import Metric
@@ -14,7 +15,7 @@ from optagent.registry import build_registry, get_plugin_manager
 from optagent.strategy import Stage, Strategy
 
 BUILTIN_STRATEGIES = {"pruning": Stage.COMPRESS, "finetune": Stage.FINETUNE, "quantization": Stage.QUANTIZE,
-                      "batch_size": Stage.DEPLOY}
+                      "batch_size": Stage.DEPLOY, "runtime": Stage.DEPLOY}
 BUILTIN_METRICS = {"model_size_mb", "param_count", "nonzero_params", "flops", "peak_memory_mb"}
 
 

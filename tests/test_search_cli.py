@@ -19,7 +19,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 OPTAGENT = [sys.executable, "-m", "optagent.cli"]
 
 
-def run(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*OPTAGENT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 

@@ -13,6 +13,7 @@ import optuna
 import pytest
 import torch
 from _models import model_file
+
 from optagent.contract import ModelFile
 from optagent.errors import TrialFailed
 from optagent.hardware import Capabilities, detect

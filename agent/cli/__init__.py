@@ -7,6 +7,7 @@ import sys
 from typing import Annotated
 
 import typer
+
 from optagent.cli import _read, _search
 from optagent.cli._common import err
 from optagent.errors import UserError

@@ -104,7 +104,7 @@ def jobs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List jobs: status, trials, best speedup within the constraint, age."""
     engine = init_db(db)
     with Session(engine) as s:
-        all_jobs = list(s.exec(select(Job).order_by(Job.id)))  # type: ignore[arg-type]
+        all_jobs = list(s.exec(select(Job).order_by(Job.id)))
         data = []
         for job in all_jobs:
             summary = _summary(job, job_trials(s, job.id or 0))

@@ -54,6 +54,7 @@ class LocalExecutor:
     def __init__(self, workers: int = 1, time_limit_s: float | None = None, start_method: str = "forkserver"):
         self.capacity = max(1, int(workers))
         self.time_limit_s = time_limit_s
+        self._ctx: Any
         if start_method == "forkserver" and "forkserver" in mp.get_all_start_methods():
             self._ctx = mp.get_context("forkserver")
             self._ctx.set_forkserver_preload(_PRELOAD)
