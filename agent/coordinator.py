@@ -94,9 +94,11 @@ def make_sampler(cfg: JobConfig) -> optuna.samplers.BaseSampler:
 
 
 def optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    from optagent.storage import sqlite_creator
+
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
-        kwargs = {"connect_args": {"timeout": 30}}
+        kwargs = {"creator": sqlite_creator(url)}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
@@ -389,7 +391,6 @@ class Coordinator:
         assert self.space is not None
         trial = self.study.ask()
         params = {s.name: suggest(trial, s, self.space) for s in self.strategies}
-        trial.set_user_attr("optagent_number", trial.number)
         self._live[trial.number] = trial
         self._store_dispatch(trial.number, params, new=True)
         self.executor.submit(trial.number, self._payload(trial.number, params))
@@ -406,19 +407,21 @@ class Coordinator:
             result = {**result, "state": "failed", "failure_reason": f"objective metric {', '.join(missing)} missing"}
         trial = self._live.pop(number, None) or self._trial_handle(number)
         feasible = None
-        trial.set_user_attr("recipe", self._recipe_of(number))
+        # one user attribute (one write) with what optuna-dashboard should show for the trial
+        shown: dict[str, Any] = {"optagent_number": number, "recipe": self._recipe_of(number)}
         if values is not None:
             c = self._constraint(metrics)
             feasible = c <= 0
-            trial.set_constraint(CONSTRAINT, c)
-            trial.set_user_attr("feasible", feasible)
-            trial.set_user_attr(CONSTRAINT, c)
-            for key in ("speedup", "model_size_mb"):
-                if key in metrics:
-                    trial.set_user_attr(key, metrics[key])
+            # what Trial.set_constraint stores, in one write (set_constraint reads all system attrs first)
+            self.study._storage.set_trial_system_attr(trial._trial_id, f"constraints:{CONSTRAINT}", c)
+            shown.update(feasible=feasible, **{CONSTRAINT: c},
+                         **{k: metrics[k] for k in ("speedup", "model_size_mb") if k in metrics})
+        else:
+            shown["failure_reason"] = str(result.get("failure_reason"))[:1000]
+        trial.set_user_attr("optagent", shown)
+        if values is not None:
             self.study.tell(trial, values, skip_if_finished=True)
         else:
-            trial.set_user_attr("failure_reason", str(result.get("failure_reason"))[:1000])
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         row = self._store_result(number, result, values, feasible)
         self._finished.add(number)

@@ -85,6 +85,24 @@ def normalize_url(url: str | None) -> str:
 _engines: dict[str, Engine] = {}
 
 
+def sqlite_creator(url: str) -> Any:
+    """Connections for optagent's and Optuna's engines on one SQLite file: WAL (readers never block the
+    coordinator), synchronous=NORMAL (in WAL mode an application crash loses nothing and the file is never
+    corrupted; only a power cut may drop the last commits, which `optagent resume` re-runs) and a busy
+    timeout for the read commands."""
+    import sqlite3
+
+    database = make_url(url).database or ":memory:"
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(database, timeout=30, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+    return connect
+
+
 def engine_for(url: str | None) -> Engine:
     """A cached engine per URL with bounded pools; SQLite gets WAL and a busy timeout."""
     url = normalize_url(url)
@@ -95,14 +113,7 @@ def engine_for(url: str | None) -> Engine:
     except Exception as exc:
         raise UserError(f"database URL is malformed ({exc}); use e.g. sqlite:///optagent.db") from None
     if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+        engine = sa.create_engine(url, creator=sqlite_creator(url))
     else:
         engine = sa.create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True, pool_recycle=1800)
     _engines[url] = engine
