@@ -83,6 +83,8 @@ def search(
     trial_timeout: Annotated[float, typer.Option(help="Seconds before a single trial is killed.")] = 1800.0,
     broker: BrokerOpt = None,
     queue: QueueOpt = "optagent",
+    confirm: Annotated[bool, typer.Option(help="Re-measure the Pareto trials against the baseline at the end.")
+                       ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -124,7 +126,8 @@ def search(
                     n_trials=trials, timeout_s=timeout, max_accuracy_drop=max_accuracy_drop,
                     constraint_metric=constraint_metric, sampler=sampler, seed=seed, workers=workers,
                     threads=threads or max(1, (os.cpu_count() or 1) // workers), device=device,
-                    trial_timeout_s=trial_timeout, executor="celery" if broker else "local", queue=queue)
+                    trial_timeout_s=trial_timeout, executor="celery" if broker else "local", queue=queue,
+                    confirm=confirm)
     job = create_job(engine, cfg, name, mf.sha256)
     if not (quiet or as_json):
         err.print(f"job {job.id} ({job.name}): {trials} trials, objectives {', '.join(objectives)}, "
