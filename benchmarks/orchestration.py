@@ -133,9 +133,27 @@ def run_job(db: str, model: Path, n_trials: int, executor_factory: Any, measure:
 
     registry = build_registry()
     assert job.id is not None
-    Coordinator(engine, db, job.id, registry, executor_factory(f"{job.id}-{digest[:8]}-{uuid.uuid4().hex[:4]}"),
-                on_event=on_event).run()
-    return {"started": started, "finished": finished, "durations": durations}
+    coordinator = Coordinator(engine, db, job.id, registry,
+                              executor_factory(f"{job.id}-{digest[:8]}-{uuid.uuid4().hex[:4]}"), on_event=on_event)
+    optuna_ms: dict[int, float] = {}  # Optuna's own ask (with the sampler) and tell, per trial
+    ask, tell = coordinator.study.ask, coordinator.study.tell
+
+    def timed_ask(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        trial = ask(*a, **k)
+        optuna_ms[trial.number] = (time.perf_counter() - t0) * 1000
+        return trial
+
+    def timed_tell(trial: Any, *a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        out = tell(trial, *a, **k)
+        number = trial if isinstance(trial, int) else trial.number
+        optuna_ms[number] = optuna_ms.get(number, 0.0) + (time.perf_counter() - t0) * 1000
+        return out
+
+    coordinator.study.ask, coordinator.study.tell = timed_ask, timed_tell  # type: ignore[method-assign]
+    coordinator.run()
+    return {"started": started, "finished": finished, "durations": durations, "optuna_ms": optuna_ms}
 
 
 def optuna_floor(db: str, n: int) -> float:
@@ -240,14 +258,18 @@ def bench_scaling(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
                   strategies=strategies, executor="local")
     ends = run["finished"]
     per = {n: (ends[n] - ends[n - 1]) * 1000 for n in ends if n - 1 in ends}
+    own = {n: per[n] - run["optuna_ms"].get(n, 0.0) for n in per}  # optagent's share: all but ask/tell
 
-    def around(k: int) -> float:
-        window = [per[n] for n in range(k - 10, k + 10) if n in per]
-        return statistics.median(window)
+    def around(values: dict[int, float], k: int) -> float:
+        return statistics.median([values[n] for n in range(k - 10, k + 10) if n in values])
 
     last = max(per)
-    early, late = around(100), around(last - 10)
-    return {"ms_per_trial_at_100": early, f"ms_per_trial_at_{last}": late, "ratio": late / early}
+    early, late = around(per, 100), around(per, last - 10)
+    own_early, own_late = around(own, 100), around(own, last - 10)
+    return {"ms_per_trial_at_100": early, f"ms_per_trial_at_{last}": late, "ratio": late / early,
+            "optagent_ms_per_trial_at_100": own_early, f"optagent_ms_per_trial_at_{last}": own_late,
+            "optagent_ratio": own_late / own_early,
+            "optuna_ask_tell_ms_at_100": early - own_early, f"optuna_ask_tell_ms_at_{last}": late - own_late}
 
 
 def main() -> None:
