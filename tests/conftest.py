@@ -256,3 +256,20 @@ def module_worker_pool(redis_url: str, tmp_path_factory: pytest.TempPathFactory)
         yield pool
     finally:
         pool.stop()
+
+
+# -- one small search shared by read-side tests -------------------------------------------------------
+@pytest.fixture(scope="session")
+def shared_search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """One small search per test session, shared by the report, export and dashboard tests: (db url, dir)."""
+    root = tmp_path_factory.mktemp("optagent-shared-search")
+    url = f"sqlite:///{root / 'optagent.db'}"
+    shutil.copy(Path(__file__).parent / "fixtures" / "tiny_model.py", root / "tiny_model.py")
+    env = {**os.environ, "OPTAGENT_CACHE_DIR": str(root / "cache")}
+    args = ["search", "tiny_model.py", "--trials", "4", "--workers", "2", "--max-accuracy-drop", "0",
+            "--strategies", "pruning,finetune,quantization,batch_size", "--name", "shared", "--db", url, "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "optagent.cli", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    os.environ["OPTAGENT_CACHE_DIR"] = str(root / "cache")
+    return url, root

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 from wsgiref.util import setup_testing_defaults
@@ -21,31 +16,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 optuna_dashboard = pytest.importorskip("optuna_dashboard", reason="pip install 'optagent[report]'")
 
 
-def shared_search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """One small search per test session, shared with test_report and test_export: (db url, dir)."""
-    root = tmp_path_factory.getbasetemp() / "optagent-shared-search"
-    root.mkdir(exist_ok=True)
-    url = f"sqlite:///{root / 'optagent.db'}"
-    with open(root / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "done").exists():
-            shutil.copy(FIXTURES / "tiny_model.py", root / "tiny_model.py")
-            env = {**os.environ, "OPTAGENT_CACHE_DIR": str(root / "cache")}
-            args = ["search", "tiny_model.py", "--trials", "4", "--workers", "2", "--max-accuracy-drop", "0",
-                    "--strategies", "pruning,finetune,quantization,batch_size", "--name", "shared", "--db", url,
-                    "--quiet"]
-            proc = subprocess.run([sys.executable, "-m", "optagent.cli", *args], cwd=root, env=env,
-                                  capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, proc.stderr
-            (root / "done").write_text("ok")
-    os.environ["OPTAGENT_CACHE_DIR"] = str(root / "cache")
-    return url, root
-
-
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, str]:
+def dashboard(shared_search: tuple[str, Path]) -> tuple[Any, str]:
     """optuna-dashboard's WSGI app over the same URL a user would pass to `optuna-dashboard URL`."""
-    url, _ = shared_search(tmp_path_factory)
+    url, _ = shared_search
     with Session(engine_for(url)) as s:
         study_name = find_job(s, "shared").study_name
     return optuna_dashboard.wsgi(url), study_name

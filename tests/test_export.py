@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,30 +19,9 @@ from optagent.storage import engine_for, find_job, job_trials
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def shared_search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """One small search per test session, shared with test_report and test_dashboard: (db url, dir)."""
-    root = tmp_path_factory.getbasetemp() / "optagent-shared-search"
-    root.mkdir(exist_ok=True)
-    url = f"sqlite:///{root / 'optagent.db'}"
-    with open(root / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "done").exists():
-            shutil.copy(FIXTURES / "tiny_model.py", root / "tiny_model.py")
-            env = {**os.environ, "OPTAGENT_CACHE_DIR": str(root / "cache")}
-            args = ["search", "tiny_model.py", "--trials", "4", "--workers", "2", "--max-accuracy-drop", "0",
-                    "--strategies", "pruning,finetune,quantization,batch_size", "--name", "shared", "--db", url,
-                    "--quiet"]
-            proc = subprocess.run([sys.executable, "-m", "optagent.cli", *args], cwd=root, env=env,
-                                  capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, proc.stderr
-            (root / "done").write_text("ok")
-    os.environ["OPTAGENT_CACHE_DIR"] = str(root / "cache")
-    return url, root
-
-
 @pytest.fixture(scope="module")
-def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    return shared_search(tmp_path_factory)
+def search(shared_search: tuple[str, Path]) -> tuple[str, Path]:
+    return shared_search
 
 
 def _trained_trial(url: str) -> dict[str, Any]:

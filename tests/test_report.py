@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import os
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -51,33 +49,9 @@ class ScriptTags(HTMLParser):
             self.external.append(str(found["href"]))
 
 
-def shared_search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """One small search per test session (report, export and dashboard tests share it): (db url, dir).
-
-    The drop limit is 0, so trials that lose any accuracy are infeasible and the report shows both kinds.
-    """
-    root = tmp_path_factory.getbasetemp() / "optagent-shared-search"
-    root.mkdir(exist_ok=True)
-    url = f"sqlite:///{root / 'optagent.db'}"
-    with open(root / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / "done").exists():
-            shutil.copy(FIXTURES / "tiny_model.py", root / "tiny_model.py")
-            env = {**os.environ, "OPTAGENT_CACHE_DIR": str(root / "cache")}
-            args = ["search", "tiny_model.py", "--trials", "4", "--workers", "2", "--max-accuracy-drop", "0",
-                    "--strategies", "pruning,finetune,quantization,batch_size", "--name", "shared", "--db", url,
-                    "--quiet"]
-            proc = subprocess.run([sys.executable, "-m", "optagent.cli", *args], cwd=root, env=env,
-                                  capture_output=True, text=True, timeout=300)
-            assert proc.returncode == 0, proc.stderr
-            (root / "done").write_text("ok")
-    os.environ["OPTAGENT_CACHE_DIR"] = str(root / "cache")
-    return url, root
-
-
 @pytest.fixture(scope="module")
-def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    url, root = shared_search(tmp_path_factory)
+def search(shared_search: tuple[str, Path]) -> tuple[str, Path]:
+    url, root = shared_search
     with Session(engine_for(url)) as s:  # a failed trial, as a crashed strategy would leave it
         job = find_job(s, "shared")
         if get_trial(s, job.id or 0, 99) is None:
