@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/optagent search examples/digits_cnn.py --trials 12 --workers 2 --db sqlite:///demo.db
+	$(VENV)/bin/optagent search examples/digits_cnn.py --trials 12 --workers 2 --db sqlite:///demo.db \
+		--strategies pruning,finetune,quantization,batch_size
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check agent plugins workers tests benchmarks examples
