@@ -533,7 +533,7 @@ class Coordinator:
         candidates = {n: row for n, row in ((n, self._row(n)) for n in sorted(self._front) if n > 0) if row}
         if not candidates:
             return
-        payload = {**self._payload(-1, {}), "kind": "confirm",
+        payload = {**self._payload(-1, {}), "kind": "confirm", "seed": self.cfg.seed,
                    "candidates": {str(n): {"params": row.params, "seed": self.cfg.seed + n}
                                   for n, row in candidates.items()}}
         if self.cfg.trial_timeout_s:
@@ -545,6 +545,7 @@ class Coordinator:
             self._beat()
             result = next((o.result for o in self.executor.poll(1.0) if o.number == -1), None)
         if result.get("state") != "complete":
+            log.warning("confirmation pass failed: %s", result.get("failure_reason"))
             self._emit("confirmed", ok=False, reason=result.get("failure_reason"))
             return
         with Session(self.engine) as s:

@@ -36,7 +36,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_job(workdir: Path) -> dict:
-    proc = run("search", "tiny_model.py", "--trials", "6", "--workers", "2", "--seed", "1", "--name", "tiny",
+    proc = run("search", "tiny_model.py", "--trials", "6", "--workers", "2", "--seed", "0", "--name", "tiny",
                "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)

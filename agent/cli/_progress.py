@@ -93,6 +93,15 @@ class LineProgress:
             flag = "front" if t["on_front"] else ("ok" if t["feasible"] else "infeasible")
             return (f"{head} accuracy {fmt(m.get('accuracy'))} latency {fmt(m.get('latency_ms'))} ms "
                     f"speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}")
+        if kind == "confirm_started":
+            return (f"[{elapsed:6.0f}s] confirming: re-measuring Pareto trials {data['trials']} interleaved with "
+                    "the baseline in one process...")
+        if kind == "confirmed":
+            if not data.get("ok"):
+                return f"[{elapsed:6.0f}s] confirmation failed: {data.get('reason')}"
+            parts = [f"trial {n} {c['speedup']:.2f}x ({c['low']:.2f}-{c['high']:.2f}) rank {c['tie_group']}"
+                     for n, c in data.get("confirmations", {}).items() if "speedup" in c]
+            return f"[{elapsed:6.0f}s] confirmed: " + "; ".join(parts)
         if kind == "job_finished":
             job = data["job"]
             return (f"[{elapsed:6.0f}s] job {job['name']} {job['status']}; "
@@ -182,6 +191,8 @@ class LiveProgress(LineProgress):
                     better = old is None or (value > old[0] if direction == "max" else value < old[0])
                     if better:
                         self.best[name] = (float(value), int(t["number"]))
+        elif kind == "confirm_started":
+            self.phase = "confirming the Pareto trials"
         elif kind == "job_finished":
             self.phase = f"job {data['job']['status']}"
             self.running.clear()
