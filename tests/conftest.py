@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -273,3 +274,20 @@ def shared_search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     assert proc.returncode == 0, proc.stderr
     os.environ["OPTAGENT_CACHE_DIR"] = str(root / "cache")
     return url, root
+
+
+# -- small real model files shared by the strategy and runtime tests ------------------------------------------
+@pytest.fixture(scope="module")
+def conv(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small conv net model file (tests/_models.py), loaded through the real ModelFile path."""
+    from _models import model_file
+
+    return model_file(tmp_path_factory.mktemp("conv"), "conv")
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small MLP model file (tests/_models.py)."""
+    from _models import model_file
+
+    return model_file(tmp_path_factory.mktemp("mlp"), "mlp")

@@ -1,6 +1,6 @@
 """Trials through real Redis and real `optagent worker` processes: round trip, authentication, crash safety.
 
-No mocks: the workers are separate process groups started by the fixtures in conftest.py, the broker and
+Nothing is simulated: the workers are separate process groups started by the fixtures in conftest.py, the broker and
 result backend are a real Redis. Workers run `--concurrency 1` with one torch thread.
 """
 

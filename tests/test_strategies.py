@@ -12,7 +12,6 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from _models import model_file
 
 from optagent.contract import ModelFile
 from optagent.errors import TrialFailed
@@ -39,14 +38,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def conv(tmp_path_factory: pytest.TempPathFactory) -> ModelFile:
-    return model_file(tmp_path_factory.mktemp("conv"), "conv")
-
-
-@pytest.fixture(scope="module")
-def mlp(tmp_path_factory: pytest.TempPathFactory) -> ModelFile:
-    return model_file(tmp_path_factory.mktemp("mlp"), "mlp")
 
 
 def make_trial(mf: ModelFile, seed: int = 0, caps: Capabilities = CPU, **settings: int) -> TrialContext:
