@@ -28,7 +28,7 @@ from optagent.executors import Executor
 from optagent.hardware import Capabilities
 from optagent.registry import Registry
 from optagent.storage import Job, Trial, get_trial, job_trials, utcnow
-from optagent.strategy import Objective, SpaceContext, flatten, suggest
+from optagent.strategy import Objective, SpaceContext, study_point, suggest_all
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -187,6 +187,7 @@ class Coordinator:
         self.cfg = JobConfig.from_json(self._job().config)
         self.objectives = self.cfg.parsed_objectives
         self.strategies = [registry.strategy(name) for name in self.cfg.strategies]
+        self._unsearched = [s for name, s in registry.strategies.items() if name not in self.cfg.strategies]
         self.study = optuna.create_study(
             storage=optuna_storage(url), study_name=self.study_name, load_if_exists=True,
             directions=[o.direction for o in self.objectives], sampler=make_sampler(self.cfg))
@@ -282,16 +283,19 @@ class Coordinator:
         assert self.baseline is not None and values is not None and self.space is not None
         if not any(t.number == 0 or t.user_attrs.get("optagent_number") == 0 for t in self.study.get_trials()):
             off = {s.name: s.off_params(self.space) for s in self.strategies}
-            dists = {f"{s.name}.{p.name}": p.distribution for s in self.strategies
-                     for p in s.search_space(self.space)}
-            flat = {k: v for k, v in flatten(off).items() if k in dists}
-            frozen = optuna.trial.create_trial(params=flat, distributions={k: dists[k] for k in flat}, values=values,
+            flat, dists = study_point(self.strategies, self.space, off, self._fixed())
+            frozen = optuna.trial.create_trial(params=flat, distributions=dists, values=values,
                                                user_attrs={"optagent_number": 0, "baseline": True})
             frozen.set_constraint(CONSTRAINT, 0.0)
             self.study.add_trial(frozen)
         self._update_front(0, values)
         self.study.set_user_attr("baseline_metrics", self.baseline)
         self._emit("baseline", metrics=self.baseline)
+
+    def _fixed(self) -> dict[str, Any]:
+        """Installed strategies this job does not search sit at their off params (conditions may read them)."""
+        assert self.space is not None
+        return {s.name: s.off_params(self.space) for s in self._unsearched}
 
     def _setup_space(self, result: dict[str, Any]) -> None:
         metrics = result["metrics"]
@@ -390,7 +394,7 @@ class Coordinator:
     def _ask(self) -> None:
         assert self.space is not None
         trial = self.study.ask()
-        params = {s.name: suggest(trial, s, self.space) for s in self.strategies}
+        params = suggest_all(trial, self.strategies, self.space, self._fixed())
         self._live[trial.number] = trial
         self._store_dispatch(trial.number, params, new=True)
         self.executor.submit(trial.number, self._payload(trial.number, params))

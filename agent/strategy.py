@@ -46,20 +46,42 @@ class Stage(enum.IntEnum):
 class Param:
     """One searched parameter of a strategy.
 
-    `when` makes the parameter conditional: it is sampled only when the named sibling parameters
-    (of the same strategy) take one of the listed values, e.g. ``when={"method": ["structured"]}``.
-    A parameter that is not active is absent from the trial's params.
+    `when` makes the parameter conditional: it is sampled only when the named parameters take one of the
+    listed values. A plain name is a sibling of the same strategy (``when={"method": ["structured"]}``);
+    ``"<strategy>.<param>"`` is another strategy's parameter (``when={"runtime.engine": ["onnxruntime"]}``),
+    and strategies are sampled parameter by parameter in dependency order, so conditions may cross
+    strategies in both directions as long as they form no cycle. A strategy that is installed but not
+    searched counts as its `off_params()`; one that is not installed (or a parameter that is not active)
+    has the value None, which a `when` list may name. A parameter that is not active is absent from the
+    trial's params.
+
+    `variant` declares the same parameter again with a different distribution under a different `when`
+    (Optuna cannot change a parameter's choices from trial to trial): e.g. `mode` for eager PyTorch and
+    `mode` with variant "onnxruntime" for ONNX Runtime. At most one variant may be active at a time; the
+    trial's params hold `mode` either way, and the study names the variant ``quantization.mode@onnxruntime``.
     """
 
     name: str
     distribution: BaseDistribution
     when: Mapping[str, Sequence[Any]] | None = None
     help: str = ""
+    variant: str = ""
 
-    def active(self, chosen: Mapping[str, Any]) -> bool:
+    @property
+    def key(self) -> str:
+        """The name in the Optuna study after the strategy prefix: `name`, or `name@variant`."""
+        return f"{self.name}@{self.variant}" if self.variant else self.name
+
+    def active(self, chosen: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]] | None = None) -> bool:
+        """Whether `when` holds, given this strategy's chosen params and the other strategies' (by name)."""
         if not self.when:
             return True
-        return all(chosen.get(k) in tuple(v) for k, v in self.when.items())
+        for key, values in self.when.items():
+            owner, dot, name = key.rpartition(".")
+            value = (others or {}).get(owner, {}).get(name) if dot else chosen.get(key)
+            if value not in tuple(values):
+                return False
+        return True
 
     def describe(self) -> dict[str, Any]:
         """A JSON description for `optagent plugins`."""
@@ -75,22 +97,24 @@ class Param:
             out.update(type=type(d).__name__)
         if self.when:
             out["when"] = {k: list(v) for k, v in self.when.items()}
+        if self.variant:
+            out["variant"] = self.variant
         return out
 
 
 def categorical(name: str, choices: Sequence[Any], when: Mapping[str, Sequence[Any]] | None = None,
-                help: str = "") -> Param:
-    return Param(name, CategoricalDistribution(tuple(choices)), when, help)
+                help: str = "", variant: str = "") -> Param:
+    return Param(name, CategoricalDistribution(tuple(choices)), when, help, variant)
 
 
 def integer(name: str, low: int, high: int, *, step: int = 1, log: bool = False,
-            when: Mapping[str, Sequence[Any]] | None = None, help: str = "") -> Param:
-    return Param(name, IntDistribution(low, high, log=log, step=step), when, help)
+            when: Mapping[str, Sequence[Any]] | None = None, help: str = "", variant: str = "") -> Param:
+    return Param(name, IntDistribution(low, high, log=log, step=step), when, help, variant)
 
 
 def real(name: str, low: float, high: float, *, step: float | None = None, log: bool = False,
-         when: Mapping[str, Sequence[Any]] | None = None, help: str = "") -> Param:
-    return Param(name, FloatDistribution(low, high, log=log, step=step), when, help)
+         when: Mapping[str, Sequence[Any]] | None = None, help: str = "", variant: str = "") -> Param:
+    return Param(name, FloatDistribution(low, high, log=log, step=step), when, help, variant)
 
 
 @dataclass(frozen=True)
@@ -201,26 +225,96 @@ class Strategy(ABC):
         }
 
 
-def suggest(trial: optuna.Trial, strategy: Strategy, ctx: SpaceContext) -> Params:
-    """Sample a strategy's params on an Optuna trial, honouring conditional parameters.
+def ordered_space(strategies: Sequence[Strategy], ctx: SpaceContext) -> list[tuple[Strategy, Param]]:
+    """Every strategy's params in sampling order: declaration order, except that a param comes after
+    every param its `when` names (siblings or other strategies'). A cycle is a plugin bug: UserError."""
+    from optagent.errors import UserError
+
+    nodes = [(s, p) for s in strategies for p in s.search_space(ctx)]
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, (s, p) in enumerate(nodes):
+        where.setdefault((s.name, p.name), set()).add(i)
+    needs: list[set[int]] = []
+    for i, (s, p) in enumerate(nodes):
+        deps: set[int] = set()
+        for key in p.when or {}:
+            owner, dot, name = key.rpartition(".")
+            deps |= where.get((owner if dot else s.name, name), set())
+        needs.append(deps - {i})
+    order: list[int] = []
+    done: set[int] = set()
+    while len(order) < len(nodes):
+        ready = next((i for i in range(len(nodes)) if i not in done and needs[i] <= done), None)
+        if ready is None:
+            stuck = sorted({f"{s.name}.{p.key}" for i, (s, p) in enumerate(nodes) if i not in done})
+            raise UserError(f"the `when` conditions of {', '.join(stuck)} form a cycle; a parameter cannot depend "
+                            "on itself through other parameters (fix the plugins' search_space)")
+        order.append(ready)
+        done.add(ready)
+    return [nodes[i] for i in order]
+
+
+Pick = Callable[[str, BaseDistribution], Any]
+
+
+def sample(strategies: Sequence[Strategy], ctx: SpaceContext, pick: Pick,
+           fixed: Mapping[str, Params] | None = None) -> dict[str, Params]:
+    """Choose every active param of `strategies` with `pick(study_key, distribution)`, in dependency order.
+
+    `fixed` holds the params of strategies outside this set (usually their off params), which cross-strategy
+    conditions read.
+    """
+    chosen: dict[str, Params] = {s.name: {} for s in strategies}
+    context: dict[str, Params] = {**(fixed or {}), **chosen}  # the same dicts: conditions see new choices
+    for strategy, p in ordered_space(strategies, ctx):
+        mine = chosen[strategy.name]
+        if p.name in mine or not p.active(mine, context):
+            continue
+        mine[p.name] = pick(f"{strategy.name}.{p.key}", p.distribution)
+    return chosen
+
+
+def _suggest_one(trial: optuna.Trial, key: str, d: BaseDistribution) -> Any:
+    if isinstance(d, CategoricalDistribution):
+        return trial.suggest_categorical(key, d.choices)
+    if isinstance(d, IntDistribution):
+        return trial.suggest_int(key, d.low, d.high, step=d.step, log=d.log)
+    if isinstance(d, FloatDistribution):
+        return trial.suggest_float(key, d.low, d.high, step=d.step, log=d.log)
+    raise TypeError(f"unsupported distribution {d!r} for {key}")  # pragma: no cover
+
+
+def suggest_all(trial: optuna.Trial, strategies: Sequence[Strategy], ctx: SpaceContext,
+                fixed: Mapping[str, Params] | None = None) -> dict[str, Params]:
+    """Sample every strategy's params on an Optuna trial, honouring conditions within and across strategies.
 
     Parameters are named ``<strategy>.<param>`` in the study so optuna-dashboard shows where they belong.
     """
-    chosen: Params = {}
-    for p in strategy.search_space(ctx):
-        if not p.active(chosen):
-            continue
-        key = f"{strategy.name}.{p.name}"
-        d = p.distribution
-        if isinstance(d, CategoricalDistribution):
-            chosen[p.name] = trial.suggest_categorical(key, d.choices)
-        elif isinstance(d, IntDistribution):
-            chosen[p.name] = trial.suggest_int(key, d.low, d.high, step=d.step, log=d.log)
-        elif isinstance(d, FloatDistribution):
-            chosen[p.name] = trial.suggest_float(key, d.low, d.high, step=d.step, log=d.log)
-        else:  # pragma: no cover
-            raise TypeError(f"unsupported distribution {d!r} in strategy {strategy.name}")
-    return chosen
+    return sample(strategies, ctx, lambda key, d: _suggest_one(trial, key, d), fixed)
+
+
+def suggest(trial: optuna.Trial, strategy: Strategy, ctx: SpaceContext,
+            fixed: Mapping[str, Params] | None = None) -> Params:
+    """Sample one strategy's params (other strategies' params, for its conditions, come from `fixed`)."""
+    return suggest_all(trial, [strategy], ctx, fixed)[strategy.name]
+
+
+def study_point(strategies: Sequence[Strategy], ctx: SpaceContext, params: Mapping[str, Params],
+                fixed: Mapping[str, Params] | None = None) -> tuple[dict[str, Any], dict[str, BaseDistribution]]:
+    """The Optuna params and distributions of a known point (the baseline's off params, say), keyed as
+    `suggest_all` would key them, for `optuna.trial.create_trial`."""
+    flat: dict[str, Any] = {}
+    dists: dict[str, BaseDistribution] = {}
+
+    def pick(key: str, d: BaseDistribution) -> Any:
+        strategy, _, name = key.partition(".")
+        value = params.get(strategy, {}).get(name.partition("@")[0])
+        if value is not None:
+            flat[key], dists[key] = value, d
+        return value
+
+    sample(strategies, ctx, pick, fixed)
+    return flat, dists
 
 
 def flatten(params: Mapping[str, Params]) -> dict[str, Any]:

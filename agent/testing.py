@@ -149,10 +149,15 @@ class StrategyConformance:
     """The contract of a strategy. Subclass and override the `strategy` fixture (one test class each).
 
     Class attributes tune the cost: `sample_seeds` are the RandomSampler seeds of the sampled points,
-    `worker_timeout_s` bounds the worker-process check.
+    `worker_timeout_s` bounds the worker-process check; `sampling_context` sets other strategies' params for
+    the sampled points.
     """
 
     sample_seeds: ClassVar[tuple[int, ...]] = (0, 1, 2, 3, 4)
+    # other strategies' params while the points are sampled (default: every other installed strategy at its
+    # off params); set it when your parameters are conditional on another strategy's, e.g.
+    # {"finetune": {"epochs": 1}}, so the sampled points exercise them
+    sampling_context: ClassVar[dict[str, Params]] = {}
     worker_timeout_s: ClassVar[float] = 180.0
 
     # -- fixtures an author overrides --------------------------------------------------------------------
@@ -191,15 +196,22 @@ class StrategyConformance:
                             has_linear=any(k.startswith("Linear") for k in kinds))
 
     # -- helpers ----------------------------------------------------------------------------------------
+    def others(self, strategy: Strategy, ctx: SpaceContext) -> dict[str, Params]:
+        """The other installed strategies at their off params: what cross-strategy `when`s read in isolation."""
+        from optagent.registry import build_registry
+
+        return {name: s.off_params(ctx) for name, s in build_registry().strategies.items() if name != strategy.name}
+
     def sampled_points(self, strategy: Strategy, ctx: SpaceContext) -> list[Params]:
         """One point per seed in `sample_seeds`, sampled the way a search samples (optuna RandomSampler)."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        fixed = {**self.others(strategy, ctx), **self.sampling_context}
         points = []
         for seed in self.sample_seeds:
             study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-            points.append(suggest(study.ask(), strategy, ctx))
+            points.append(suggest(study.ask(), strategy, ctx, fixed))
         return points
 
     def run_point(self, strategy: Strategy, params: Params, model_file: ModelFile, ctx: SpaceContext,
@@ -233,13 +245,22 @@ class StrategyConformance:
     def test_search_space_is_valid(self, strategy: Strategy, space_context: SpaceContext) -> None:
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+        from optagent.registry import build_registry
+        from optagent.strategy import ordered_space
+
         space = strategy.search_space(space_context)
         assert isinstance(space, list) and space, f"{strategy.name}: search_space() must return a non-empty list"
-        seen: dict[str, Param] = {}
+        installed = build_registry().strategies
+        declared: dict[str, list[Param]] = {}
+        for p in space:
+            declared.setdefault(p.name, []).append(p)
+        keys: set[str] = set()
         for p in space:
             assert isinstance(p, Param), f"{strategy.name}: {p!r} is not an optagent.Param"
             assert p.name.isidentifier(), f"{strategy.name}: parameter name {p.name!r} must be an identifier"
-            assert p.name not in seen, f"{strategy.name}: parameter {p.name!r} is declared twice"
+            assert p.key not in keys, (f"{strategy.name}: parameter {p.key!r} is declared twice (give each "
+                                       "declaration of one name its own `variant`)")
+            keys.add(p.key)
             d = p.distribution
             assert isinstance(d, CategoricalDistribution | IntDistribution | FloatDistribution), (
                 f"{strategy.name}.{p.name}: use a categorical, int or float distribution, not {type(d).__name__}")
@@ -248,31 +269,43 @@ class StrategyConformance:
                 assert all(isinstance(c, _JSON_SCALARS) for c in d.choices), (
                     f"{strategy.name}.{p.name}: choices must be str/int/float/bool/None, got {d.choices!r}")
             for key, values in (p.when or {}).items():
-                assert key in seen, (f"{strategy.name}.{p.name}: `when` refers to {key!r}, which is not a "
-                                     "parameter declared before it (conditions are evaluated in order)")
-                parent = seen[key].distribution
-                assert values, f"{strategy.name}.{p.name}: `when` lists no values for {key!r}"
+                owner, dot, name = key.rpartition(".")
+                assert values, f"{strategy.name}.{p.key}: `when` lists no values for {key!r}"
+                if not dot:
+                    parents = declared.get(key, [])
+                    assert parents and key != p.name, (
+                        f"{strategy.name}.{p.key}: `when` refers to {key!r}, which is not another parameter of "
+                        f"{strategy.name} (write 'strategy.param' for another strategy's parameter)")
+                elif owner in installed:
+                    parents = [q for q in installed[owner].search_space(space_context) if q.name == name]
+                    assert parents, (f"{strategy.name}.{p.key}: `when` refers to {key!r}, but strategy {owner!r} "
+                                     f"declares no parameter {name!r}")
+                else:
+                    continue  # a strategy that is not installed here: its params are None
                 for v in values:
-                    assert parent._contains(parent.to_internal_repr(v)), (
-                        f"{strategy.name}.{p.name}: `when` value {v!r} is outside the space of {key!r}")
-            seen[p.name] = p
+                    assert v is None or any(q.distribution._contains(q.distribution.to_internal_repr(v))
+                                            for q in parents), (
+                        f"{strategy.name}.{p.key}: `when` value {v!r} is outside the space of {key!r}")
+        ordered_space([strategy, *(s for n, s in installed.items() if n != strategy.name)], space_context)  # no cycle
         _json_roundtrip(strategy.describe(space_context))
 
     def test_off_point_is_inside_the_space(self, strategy: Strategy, space_context: SpaceContext) -> None:
+        from optagent.strategy import sample
+
         off = strategy.off_params(space_context)
         assert isinstance(off, dict), f"{strategy.name}: off_params() must return a dict"
         assert _json_roundtrip(off) == off, f"{strategy.name}: off params {off!r} do not survive JSON"
-        active: dict[str, Any] = {}
-        for p in strategy.search_space(space_context):
-            if not p.active(active):
-                assert p.name not in off, f"{strategy.name}: off params set {p.name!r}, which is inactive there"
-                continue
-            assert p.name in off, f"{strategy.name}: off params lack the active parameter {p.name!r}"
-            d = p.distribution
-            assert d._contains(d.to_internal_repr(off[p.name])), (
-                f"{strategy.name}: off value {p.name}={off[p.name]!r} is outside its distribution {d!r}")
-            active[p.name] = off[p.name]
-        assert set(off) == set(active), f"{strategy.name}: off params name unknown parameters {set(off) - set(active)}"
+
+        def pick(key: str, d: Any) -> Any:
+            name = key.partition(".")[2].partition("@")[0]
+            assert name in off, f"{strategy.name}: off params lack the active parameter {name!r}"
+            assert d._contains(d.to_internal_repr(off[name])), (
+                f"{strategy.name}: off value {name}={off[name]!r} is outside its distribution {d!r}")
+            return off[name]
+
+        active = sample([strategy], space_context, pick, self.others(strategy, space_context))[strategy.name]
+        assert set(off) == set(active), (f"{strategy.name}: off params set {sorted(set(off) - set(active))}, which "
+                                         "are unknown or inactive at the off point")
         assert strategy.is_off(dict(off), space_context), f"{strategy.name}: is_off(off_params()) is False"
 
     def test_off_leaves_the_model_unchanged(self, strategy: Strategy, model_file: ModelFile,
@@ -319,8 +352,8 @@ class StrategyConformance:
 
         for params in [strategy.off_params(space_context), *self.sampled_points(strategy, space_context)]:
             assert _json_roundtrip(params) == params, f"{strategy.name}: {params!r} does not survive JSON"
-            nested = {strategy.name: params}
-            assert unflatten(flatten(nested)) == nested, f"{strategy.name}: {params!r} does not survive flattening"
+            back = unflatten(flatten({strategy.name: params})).get(strategy.name, {})
+            assert back == params, f"{strategy.name}: {params!r} does not survive flattening"
 
     def test_runs_inside_a_worker_process(self, strategy: Strategy, model_file_path: Path,
                                           space_context: SpaceContext) -> None:

@@ -154,7 +154,7 @@ def run_job(db: str, model: Path, n_trials: int, executor_factory: Any, measure:
     coordinator.study.ask, coordinator.study.tell = timed_ask, timed_tell  # type: ignore[method-assign]
     import optagent.coordinator as coord
 
-    suggest = coord.suggest  # define-by-run: the sampler does its work inside trial.suggest_* calls
+    suggest = coord.suggest_all  # define-by-run: the sampler does its work inside trial.suggest_* calls
 
     def timed_suggest(trial: Any, *a: Any, **k: Any) -> Any:
         t0 = time.perf_counter()
@@ -162,11 +162,11 @@ def run_job(db: str, model: Path, n_trials: int, executor_factory: Any, measure:
         optuna_ms[trial.number] = optuna_ms.get(trial.number, 0.0) + (time.perf_counter() - t0) * 1000
         return out
 
-    coord.suggest = timed_suggest  # type: ignore[assignment]
+    coord.suggest_all = timed_suggest  # type: ignore[assignment]
     try:
         coordinator.run()
     finally:
-        coord.suggest = suggest  # type: ignore[assignment]
+        coord.suggest_all = suggest  # type: ignore[assignment]
     return {"started": started, "finished": finished, "durations": durations, "optuna_ms": optuna_ms}
 
 

@@ -3,7 +3,9 @@
 The inference batch is searched only when an objective is per sample (``throughput`` or
 ``latency_per_sample_ms``). Against per-call latency a smaller batch always wins and against accuracy the
 batch is irrelevant, so there it stays at the model file's default (the example input's first dimension).
-The strategy changes no weights: it publishes its choices in `configure` for fine-tuning and measurement.
+The training batch is searched only in trials that fine-tune (``finetune.epochs`` > 0); elsewhere it would
+change nothing and only dilute the sampler's statistics. The strategy changes no weights: it publishes its
+choices in `configure` for fine-tuning and measurement.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from optagent.hookspecs import hookimpl
+from optagent.plugins.finetune import EPOCH_CHOICES
 from optagent.strategy import Param, Params, SpaceContext, Stage, Strategy, TrialContext, categorical
 
 if TYPE_CHECKING:
@@ -39,14 +42,15 @@ class BatchSizeStrategy(Strategy):
                    "is per sample (throughput, latency_per_sample_ms).")
 
     def search_space(self, ctx: SpaceContext) -> list[Param]:
-        space = [categorical("train", TRAIN_CHOICES, help="batch size of recovery fine-tuning")]
+        space = [categorical("train", TRAIN_CHOICES, when={"finetune.epochs": EPOCH_CHOICES},
+                             help="batch size of recovery fine-tuning (searched when fine-tuning runs)")]
         if searches_infer(ctx):
             space.append(categorical("infer", infer_choices(ctx.default_batch_size),
                                      help="batch size the model is served and measured at"))
         return space
 
     def off_params(self, ctx: SpaceContext) -> Params:
-        off: Params = {"train": DEFAULT_TRAIN}
+        off: Params = {}  # the off point does not fine-tune, so `train` is inactive there
         if searches_infer(ctx):
             off["infer"] = max(int(ctx.default_batch_size), 1)
         return off

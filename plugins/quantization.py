@@ -9,6 +9,8 @@ Precision follows the runtime: when the `runtime` strategy serves the model with
 Runtime (it publishes `trial.settings["runtime"]` in `configure`), this strategy does not touch the model
 and hands its mode over in `trial.settings["precision"]`; the runtime quantizes with its own toolchain
 (PT2E for torch.compile, onnxruntime.quantization for ONNX Runtime). See `optagent.plugins.runtime`.
+The modes offered depend on the engine (`mode` is declared once per engine, conditional on
+`runtime.engine`), so a pair no runtime can serve is never sampled.
 """
 
 from __future__ import annotations
@@ -171,10 +173,17 @@ class QuantizationStrategy(Strategy):
                    "per-channel) int8 on CPU, fp16 on CUDA, bf16 on CPUs/GPUs with native bf16.")
 
     def search_space(self, ctx: SpaceContext) -> list[Param]:
-        space = [categorical("mode", offered_modes(ctx), help="numeric precision of the served model")]
+        from optagent.plugins.runtime import engine_precisions
+
+        # one `mode` per inference engine, holding only what that engine can serve here (None: no runtime
+        # strategy installed, so eager PyTorch serves)
+        space = [categorical("mode", modes, when={"runtime.engine": ["eager", None] if engine == "eager" else [engine]},
+                             variant="" if engine == "eager" else engine,
+                             help=f"numeric precision of the served model ({engine})")
+                 for engine, modes in engine_precisions(ctx).items()]
         backends = available_backends(ctx.capabilities)
         if len(backends) > 1:
-            space.append(categorical("backend", backends, when={"mode": INT8_MODES},
+            space.append(categorical("backend", backends, when={"mode": INT8_MODES, "runtime.engine": ["eager", None]},
                                      help="library that performs integer quantization"))
         return space
 

@@ -17,10 +17,12 @@ with its own toolchain:
     bf16 / fp16    cast wrapper            cast wrapper, compiled            fp16: cast wrapper exported (GPU);
                                                                              bf16: fails (no CPU bf16 kernels)
 
-So one `quantization.mode` x `runtime.engine` grid covers every combination without duplicates, and
-the only sampled-but-impossible pair is bf16 x onnxruntime on CPU, which fails at once with the reason
-(strategies declare their spaces separately, so one strategy cannot hide a choice of another). Pruning
-and fine-tuning run earlier (COMPRESS, FINETUNE) in PyTorch, so the runtime receives the pruned model.
+The search never samples a pair that cannot run: `engine_precisions` says which modes each engine can
+serve on this worker, and the quantization strategy declares one `mode` per engine, conditional on
+`runtime.engine` (a cross-strategy `when`; the study names them `quantization.mode@compile` and so on).
+The compile mode is conditional on the precision in turn: dynamic int8 under max-autotune aborts the
+process in Inductor's CPU GEMM autotuner (torch 2.13), so that pair is not offered. Pruning and
+fine-tuning run earlier (COMPRESS, FINETUNE) in PyTorch, so the runtime receives the pruned model.
 
 Setup cost (export, quantization, session creation, compilation) is reported as `export_time_s` /
 `compile_time_s`, never as latency: the pipeline warms every model up before timing it interleaved
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 ENGINES = ("eager", "compile", "onnxruntime")
 INT8 = ("dynamic_int8", "static_int8")
+PRECISIONS = ("none", "dynamic_int8", "static_int8", "fp16", "bf16")
 
 
 def _installed(*modules: str) -> bool:
@@ -85,6 +88,30 @@ def offered_engines(ctx: SpaceContext) -> list[str]:
     return engines
 
 
+def engine_precisions(ctx: SpaceContext) -> dict[str, list[str]]:
+    """For each engine offered here, the `quantization.mode` values it can serve on this worker."""
+    from optagent.plugins.quantization import offered_modes
+
+    caps = ctx.capabilities
+    cpu, cuda = caps.device == "cpu", caps.device == "cuda"
+    bf16 = (cpu and caps.cpu_bf16) or (cuda and caps.gpu_bf16)
+    out = {"eager": offered_modes(ctx)}
+    engines = offered_engines(ctx)
+    if "compile" in engines:
+        modes = ["none"]
+        if cpu and caps.x86 and _installed("torchao"):  # PT2E with the x86 Inductor quantizer
+            modes += ["dynamic_int8"] if ctx.has_linear else []
+            modes += ["static_int8"] if ctx.has_conv or ctx.has_linear else []
+        out["compile"] = modes + (["fp16"] if cuda else []) + (["bf16"] if bf16 else [])
+    if "onnxruntime" in engines:
+        modes = ["none"]
+        if cpu:  # onnxruntime.quantization's int8 kernels are CPU kernels; it has no CPU bf16 kernels
+            modes += ["dynamic_int8"] if ctx.has_linear else []
+            modes += ["static_int8"] if ctx.has_conv or ctx.has_linear else []
+        out["onnxruntime"] = modes + (["fp16"] if cuda and ort_gpu_providers() else [])
+    return out
+
+
 class RuntimeStrategy(Strategy):
     name = "runtime"
     stage = Stage.DEPLOY
@@ -99,7 +126,10 @@ class RuntimeStrategy(Strategy):
             # CUDA graphs (reduce-overhead, max-autotune) exist only on CUDA
             modes = ("default", "reduce-overhead", "max-autotune") if cuda else ("default",
                                                                                "max-autotune-no-cudagraphs")
-            space.append(categorical("compile_mode", modes, when={"engine": ["compile"]},
+            when: dict[str, list[Any]] = {"engine": ["compile"]}
+            if not cuda:  # Inductor's CPU GEMM autotuner aborts on dynamically quantized Linear (torch 2.13)
+                when["quantization.mode"] = [m for m in PRECISIONS if m != "dynamic_int8"] + [None]
+            space.append(categorical("compile_mode", modes, when=when,
                                      help="torch.compile mode (max-autotune benchmarks kernels: slower compile)"))
         if "onnxruntime" in engines:
             space.append(categorical("ort_level", ("basic", "extended", "all"), when={"engine": ["onnxruntime"]},

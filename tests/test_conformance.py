@@ -20,6 +20,9 @@ _BUILTINS = build_registry(get_plugin_manager(load_entry_points=False))
 # Strategies whose sampled points compile or export models (tens of seconds each on 2 cores): fewer points,
 # and marked slow so a quick run can deselect them with -m "not slow".
 _SLOW = {"runtime": (0, 1, 2)}
+# Strategies with parameters conditional on another strategy's: that strategy's params while sampling, so the
+# sampled points exercise them (batch_size.train is searched only in trials that fine-tune).
+_CONTEXT = {"batch_size": {"finetune": {"epochs": 1}}}
 
 
 def _conformance_class(strategy: Strategy) -> type:
@@ -30,6 +33,8 @@ def _conformance_class(strategy: Strategy) -> type:
     body: dict[str, Any] = {"strategy": pytest.fixture(fixture), "__module__": __name__}
     if strategy.name in _SLOW:
         body.update(sample_seeds=_SLOW[strategy.name], pytestmark=[pytest.mark.slow])
+    if strategy.name in _CONTEXT:
+        body.update(sampling_context=_CONTEXT[strategy.name])
     return type(name, (StrategyConformance,), body)
 
 

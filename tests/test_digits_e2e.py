@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _sampling import seed_where
 
 from optagent.pareto import dominates
 
@@ -19,10 +20,12 @@ pytestmark = pytest.mark.slow
 
 def test_digits_search_finds_a_faster_model_within_the_constraint(tmp_path: Path) -> None:
     env = {**os.environ, "OPTAGENT_CACHE_DIR": os.environ.get("OPTAGENT_TEST_CACHE", str(tmp_path / "cache"))}
-    # random sampler, seed 2: the three trials draw static_int8, bf16, static_int8 (checked below)
+    # a random-sampler seed whose three trials draw static int8 and another mode (checked below)
+    seed = seed_where(["quantization"], 3, lambda points: len({p["quantization"]["mode"] for p in points}) >= 2
+                      and "static_int8" in {p["quantization"]["mode"] for p in points})
     proc = subprocess.run(
         [sys.executable, "-m", "optagent.cli", "search", str(ROOT / "examples" / "digits_cnn.py"), "--trials", "3",
-         "--strategies", "quantization", "--sampler", "random", "--seed", "2", "--threads", "2",
+         "--strategies", "quantization", "--sampler", "random", "--seed", str(seed), "--threads", "2",
          "--db", f"sqlite:///{tmp_path / 'digits.db'}", "--json"],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -31,7 +34,8 @@ def test_digits_search_finds_a_faster_model_within_the_constraint(tmp_path: Path
     base = trials[0]
     assert base["state"] == "complete" and base["metrics"]["accuracy"] >= 0.95
     assert base["metrics"]["test_accuracy"] >= 0.95
-    assert [t["params"]["quantization"]["mode"] for t in trials[1:]] == ["static_int8", "bf16", "static_int8"]
+    modes = [t["params"]["quantization"]["mode"] for t in trials[1:]]
+    assert "static_int8" in modes and len(set(modes)) >= 2, modes
     assert all(t["state"] == "complete" for t in trials)
     # static int8 on this conv net is several times faster; require a clear, measured gain
     assert max(t["metrics"]["speedup"] for t in trials[1:]) > 1.5

@@ -19,14 +19,22 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from _sampling import Points, seed_where
 
 from optagent.contract import ModelFile
 from optagent.errors import TrialFailed
 from optagent.hardware import Capabilities, detect
 from optagent.pipeline import run_trial
 from optagent.plugins.quantization import QuantizationStrategy
-from optagent.plugins.runtime import RuntimeStrategy, compile_ok, offered_engines, onnx_ok
-from optagent.strategy import SpaceContext, TrialContext, suggest
+from optagent.plugins.runtime import (
+    RuntimeStrategy,
+    compile_ok,
+    engine_precisions,
+    offered_engines,
+    onnx_ok,
+    ort_gpu_providers,
+)
+from optagent.strategy import SpaceContext, TrialContext, suggest_all
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 CPU = detect("cpu")
@@ -216,23 +224,45 @@ def _caps(**kw: object) -> Capabilities:
 @pytest.mark.parametrize("caps", [CPU, _caps(), _caps(device="cuda", cuda=True, gpu_name="fake")],
                          ids=["this-machine", "cpu", "cuda"])
 def test_the_space_never_yields_impossible_combinations(caps: Capabilities) -> None:
-    ctx = SpaceContext(capabilities=caps)
+    """Runtime and quantization sampled together: every pair is one the runtime can serve on this worker."""
+    ctx = SpaceContext(capabilities=caps, has_conv=True, has_linear=True)
     engines = offered_engines(ctx)
+    table = engine_precisions(ctx)
+    strategies = [QuantizationStrategy(), RUNTIME]  # job order puts quantization first; sampling reorders
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(300):
-        params = suggest(study.ask(), RUNTIME, ctx)
+        trial = study.ask()
+        chosen = suggest_all(trial, strategies, ctx)
+        params, mode = chosen["runtime"], chosen["quantization"]["mode"]
         engine = params["engine"]
-        seen.add(engine)
-        assert engine in engines
-        assert ("compile_mode" in params) == (engine == "compile")
+        seen.add((engine, mode))
+        assert engine in engines and mode in table[engine]
+        assert not (engine == "onnxruntime" and mode == "bf16")  # no CPU bf16 kernels in onnxruntime
+        assert not (engine == "onnxruntime" and mode == "fp16" and caps.device != "cuda")
+        assert ("compile_mode" in params) == (engine == "compile" and not (mode == "dynamic_int8" and
+                                                                           caps.device == "cpu"))
         assert ("ort_level" in params) == (engine == "onnxruntime")
         if "ort_provider" in params:
             assert caps.device == "cuda" and engine == "onnxruntime"
         if params.get("compile_mode") in ("reduce-overhead", "max-autotune"):  # CUDA graphs need a GPU
             assert caps.device == "cuda"
-    assert seen == set(engines)
+        # the study names each engine's mode apart, so the sampler never sees a choice set change
+        assert {k for k in trial.params if k.startswith("quantization.mode")} == {
+            "quantization.mode" if engine == "eager" else f"quantization.mode@{engine}"}
+    assert seen == {(e, m) for e in engines for m in table[e]}
     assert RUNTIME.off_params(ctx) == {"engine": "eager"}
+
+
+def test_the_precision_table_follows_the_hardware() -> None:
+    cpu = engine_precisions(SpaceContext(capabilities=_caps()))
+    if "onnxruntime" in cpu:
+        assert cpu["onnxruntime"] == ["none", "dynamic_int8", "static_int8"]
+    if "compile" in cpu:
+        assert "bf16" in cpu["compile"] and "fp16" not in cpu["compile"]
+    gpu = engine_precisions(SpaceContext(capabilities=_caps(device="cuda", cuda=True, gpu_name="fake")))
+    if "onnxruntime" in gpu:  # int8 kernels are CPU kernels; fp16 only with a GPU execution provider here
+        assert gpu["onnxruntime"] == ["none"] + (["fp16"] if ort_gpu_providers() else [])
 
 
 def test_engines_are_offered_only_where_they_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,8 +282,9 @@ def test_a_short_search_stores_trials_of_each_runtime(tmp_path: Path) -> None:
     fixtures = Path(__file__).parent / "fixtures"
     (tmp_path / "tiny_model.py").write_text((fixtures / "tiny_model.py").read_text())
     env = {**os.environ, "OPTAGENT_CACHE_DIR": str(tmp_path / "cache")}
+    seed = _covering_seed()
     proc = subprocess.run([sys.executable, "-m", "optagent.cli", "search", "tiny_model.py", "--trials", "3",
-                           "--strategies", "quantization,runtime", "--sampler", "random", "--seed", SEARCH_SEED,
+                           "--strategies", "quantization,runtime", "--sampler", "random", "--seed", str(seed),
                            "--threads", "1", "--name", "runtimes", "--json", "--db", f"sqlite:///{tmp_path}/o.db"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -261,7 +292,7 @@ def test_a_short_search_stores_trials_of_each_runtime(tmp_path: Path) -> None:
     by_engine: dict[str, list[dict]] = {}
     for t in trials:
         by_engine.setdefault(t["params"]["runtime"]["engine"], []).append(t)
-    assert set(by_engine) == {"eager", "compile", "onnxruntime"}, f"seed {SEARCH_SEED} samples every engine"
+    assert set(by_engine) == {"eager", "compile", "onnxruntime"}, f"seed {seed} samples every engine"
     for engine in ("compile", "onnxruntime"):
         done = [t for t in by_engine[engine] if t["state"] == "complete"]
         assert done, [t.get("failure_reason") for t in by_engine[engine]]
@@ -269,4 +300,11 @@ def test_a_short_search_stores_trials_of_each_runtime(tmp_path: Path) -> None:
         assert all(key in t["metrics"] and t["metrics"]["accuracy"] > 0.5 for t in done)
 
 
-SEARCH_SEED = "6"  # random sampling: compile fp32, onnxruntime static_int8, eager (cheapest cover)
+def _covering_seed() -> int:
+    """A random-sampler seed whose 3 trials use every engine, none with max-autotune (the slow compile)."""
+    def wanted(points: Points) -> bool:
+        runtimes = [p["runtime"] for p in points]
+        return ({r["engine"] for r in runtimes} == {"eager", "compile", "onnxruntime"}
+                and all(r.get("compile_mode", "default") == "default" for r in runtimes))
+
+    return seed_where(["quantization", "runtime"], 3, wanted)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _sampling import Points, seed_where
 from sqlmodel import Session
 
 from optagent.pareto import dominates
@@ -153,8 +154,14 @@ def test_check_names_missing_pieces(tmp_path: Path) -> None:
 
 def test_a_trial_that_kills_or_hangs_its_process_fails_alone(workdir: Path) -> None:
     shutil.copy(FIXTURES / "crashy_model.py", workdir / "crashy_model.py")
+
+    def wanted(points: Points) -> bool:  # one structurally pruned fp32 trial (killed), one quantized (hangs)
+        return (any(p["pruning"]["method"] == "structured" and p["quantization"]["mode"] == "none" for p in points)
+                and any(p["quantization"]["mode"] != "none" for p in points))
+
+    seed = seed_where(["pruning", "quantization"], 6, wanted)
     proc = run("search", "crashy_model.py", "--trials", "6", "--workers", "2", "--strategies", "pruning,quantization",
-               "--sampler", "random", "--seed", "6", "--trial-timeout", "10", "--name", "crashy", "--json",
+               "--sampler", "random", "--seed", str(seed), "--trial-timeout", "10", "--name", "crashy", "--json",
                cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     trials = json.loads(proc.stdout)["trials"]

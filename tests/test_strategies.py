@@ -22,7 +22,7 @@ from optagent.plugins.metrics import BUILTIN_METRICS, flops, model_size_mb, nonz
 from optagent.plugins.pruning import UNSTRUCTURED_NOTE, PruningStrategy
 from optagent.plugins.quantization import QuantizationStrategy, offered_modes
 from optagent.registry import build_registry, get_plugin_manager
-from optagent.strategy import Objective, SpaceContext, Strategy, TrialContext, flatten, suggest
+from optagent.strategy import Objective, SpaceContext, Stage, Strategy, TrialContext, flatten, suggest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 CPU = detect("cpu")
@@ -215,11 +215,11 @@ def test_batch_size_offers_the_inference_batch_only_for_per_sample_objectives(ml
     strategy = BatchSizeStrategy()
     latency = space_ctx(objectives=(Objective("latency_ms", "minimize"),), default_batch_size=8)
     assert [p.name for p in strategy.search_space(latency)] == ["train"]
-    assert strategy.off_params(latency) == {"train": 64}
+    assert strategy.off_params(latency) == {}  # the off point does not fine-tune: `train` is inactive
     throughput = space_ctx(objectives=(Objective("throughput", "maximize"),), default_batch_size=8)
     infer = strategy.search_space(throughput)[1]
     assert infer.name == "infer" and {1, 8, 256} <= set(infer.distribution.choices)  # type: ignore[attr-defined]
-    assert strategy.off_params(throughput) == {"train": 64, "infer": 8}
+    assert strategy.off_params(throughput) == {"infer": 8}
 
     trial = make_trial(mlp)
     strategy.configure({"train": 32, "infer": 128}, trial)
@@ -261,7 +261,61 @@ def test_conditional_parameters_appear_only_when_active():
             assert ("warmup" in tune) == (tune["schedule"] != "onecycle")
         quant = suggest(trial, STRATEGIES["quantization"], ctx)
         assert set(quant) <= {"mode", "backend"}
+        batch = suggest(trial, STRATEGIES["batch_size"], ctx, {"finetune": tune})  # a cross-strategy condition
+        assert ("train" in batch) == (tune["epochs"] > 0)
         study.tell(trial, 0.0)
+
+
+def test_conditions_across_strategies_are_sampled_in_dependency_order():
+    from optagent.errors import UserError
+    from optagent.strategy import categorical, ordered_space, study_point, suggest_all
+
+    class Leader(Strategy):
+        name, stage, description = "leader", Stage.DEPLOY, "x"
+
+        def search_space(self, ctx):
+            return [categorical("kind", ("a", "b")),
+                    categorical("size", (1, 2), when={"follower.level": ["high"]})]
+
+        def off_params(self, ctx):
+            return {"kind": "a"}
+
+        def apply(self, model, params, trial):
+            return model
+
+    class Follower(Leader):
+        name = "follower"
+
+        def search_space(self, ctx):  # `level` has one distribution per leader.kind
+            return [categorical("level", ("low",), when={"leader.kind": ["a", None]}),
+                    categorical("level", ("low", "high"), when={"leader.kind": ["b"]}, variant="b")]
+
+        def off_params(self, ctx):
+            return {"level": "low"}
+
+    ctx = SPACES[0]
+    both = [Leader(), Follower()]
+    order = [f"{s.name}.{p.key}" for s, p in ordered_space(both, ctx)]
+    assert order == ["leader.kind", "follower.level", "follower.level@b", "leader.size"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(80):
+        chosen = suggest_all(study.ask(), both, ctx)
+        kind, level = chosen["leader"]["kind"], chosen["follower"]["level"]
+        seen.add((kind, level))
+        assert ("size" in chosen["leader"]) == (level == "high")
+    assert seen == {("a", "low"), ("b", "low"), ("b", "high")}
+    assert suggest(study.ask(), Follower(), ctx) == {"level": "low"}  # leader not installed: None
+    assert suggest(study.ask(), Follower(), ctx, {"leader": {"kind": "b"}})["level"] in ("low", "high")
+    flat, dists = study_point(both, ctx, {"leader": {"kind": "b"}, "follower": {"level": "high"}})
+    assert flat == {"leader.kind": "b", "follower.level@b": "high"} and set(dists) == set(flat)
+
+    class Loop(Leader):
+        def search_space(self, ctx):
+            return [categorical("kind", ("a", "b"), when={"follower.level": ["low"]})]
+
+    with pytest.raises(UserError, match="form a cycle"):
+        ordered_space([Loop(), Follower()], ctx)
 
 
 # -- "off" changes nothing -----------------------------------------------------------------------------
