@@ -373,7 +373,7 @@ class Coordinator:
 
     def _store_result(self, number: int, result: dict[str, Any], values: list[float] | None,
                       feasible: bool | None) -> Trial:
-        with Session(self.engine) as s:
+        with Session(self.engine, expire_on_commit=False) as s:  # the row stays readable: no re-SELECT
             row = get_trial(s, self.job_id, number) or Trial(job_id=self.job_id, number=number)
             row.state = "complete" if result["state"] == "complete" else "failed"
             row.metrics, row.samples, row.values = result.get("metrics", {}), result.get("samples", {}), values
@@ -387,7 +387,6 @@ class Coordinator:
             row.hardware, row.worker, row.finished_at = hardware, result.get("worker", {}), utcnow()
             s.add(row)
             s.commit()
-            s.refresh(row)
             return row
 
     # -- the loop --------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Runtimes head to head on one model: the same pruned + fine-tuned digits CNN served as eager torch.ao int8,
-PT2E int8 under torch.compile, ONNX Runtime QDQ int8, ONNX Runtime fp32 and torch.compile fp32, every one
+"""Runtimes head to head on one model: the same pruned + fine-tuned digits CNN served as eager torch.ao int8
+(static and dynamic), PT2E int8 under torch.compile, ONNX Runtime int8 (QDQ static and dynamic), ONNX Runtime
+fp32 and torch.compile fp32, every one
 timed interleaved with the fp32 baseline in this one process (paired speedups with 95% bands).
 
 It answers how much a runtime adds over the best eager option *for this model*, independent of what a
-search happened to sample.      python benchmarks/runtime_head_to_head.py [--threads 1]
+search happened to sample.      python benchmarks/runtime_head_to_head.py [--threads 1] [--amount 0.3]
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ VARIANTS = {
     "compile PT2E int8": {"quantization": {"mode": "static_int8"},
                           "runtime": {"engine": "compile", "compile_mode": "default"}},
     "ORT QDQ int8": {"quantization": {"mode": "static_int8"}, "runtime": {"engine": "onnxruntime", "ort_level": "all"}},
+    "eager dynamic int8": {"quantization": {"mode": "dynamic_int8"}, "runtime": {"engine": "eager"}},
+    "ORT dynamic int8": {"quantization": {"mode": "dynamic_int8"},
+                         "runtime": {"engine": "onnxruntime", "ort_level": "all"}},
     "eager fp32 (pruned)": {"quantization": {"mode": "none"}, "runtime": {"engine": "eager"}},
     "ORT fp32": {"quantization": {"mode": "none"}, "runtime": {"engine": "onnxruntime", "ort_level": "all"}},
     "compile fp32": {"quantization": {"mode": "none"}, "runtime": {"engine": "compile", "compile_mode": "default"}},
@@ -34,6 +38,7 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--amount", type=float, default=0.3, help="structured pruning amount before every variant")
     args = ap.parse_args()
     base = {"trial": 1, "job": {"id": 0, "name": "h2h"},
             "model": {"path": str(MODEL), "sha256": hashlib.sha256(MODEL.read_bytes()).hexdigest()},
@@ -41,7 +46,8 @@ def main() -> None:
             "objectives": ["accuracy:max", "latency_ms:min"], "seed": 26, "threads": args.threads, "device": "cpu"}
     models, accuracy = {}, {}
     for name, variant in VARIANTS.items():
-        built = build({**base, "params": {**PRUNE, **variant}})
+        prune = {**PRUNE, "pruning": {**PRUNE["pruning"], "amount": args.amount}}
+        built = build({**base, "params": {**prune, **variant}})
         models[name], accuracy[name] = built.model, built.model_file.evaluate(built.model)["accuracy"]
         baseline, mf, ctx = built.ctx.baseline, built.model_file, built.ctx
     batch = _batch(mf, mf.default_batch_size, ctx.device)
@@ -49,7 +55,7 @@ def main() -> None:
     calls = {"baseline": lambda: baseline(batch), **{n: (lambda m=m: m(batch)) for n, m in models.items()}}
     stats = interleaved(calls, MeasureSettings(warmup=10, min_reps=100, max_reps=150, min_time_s=2, max_time_s=6))
     b = stats["baseline"]
-    print(f"structured pruning 0.3 + 3-epoch fine-tune, batch {mf.default_batch_size}, {args.threads} thread(s), "
+    print(f"structured pruning {args.amount} + 3-epoch fine-tune, batch {mf.default_batch_size}, {args.threads} thread(s), "
           f"{b.reps} interleaved rounds; fp32 baseline {b.median_ms:.2f} ms (spread {b.spread:.1%}), "
           f"accuracy {mf.evaluate(baseline)['accuracy']:.4f}")
     for name in models:

@@ -257,8 +257,14 @@ def _onnxruntime(model: torch.nn.Module, params: Params, trial: TrialContext, pr
     provider = params.get("ort_provider")
     providers = [provider, "CPUExecutionProvider"] if provider else ["CPUExecutionProvider"]
     exported = _cast_wrapper(model, "fp16") if precision == "fp16" else model
+    caps = trial.capabilities
+    # without VNNI (or AMX) x86 int8 kernels saturate on full-range weights: quantize them to 7 bits
+    reduce_range = caps.x86 and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(caps.cpu_flags)
     served, seconds = _onnx.build(exported, example, precision, _calibration(trial, model), trial.threads,
-                                  params.get("ort_level", "all"), providers)
+                                  params.get("ort_level", "all"), providers, reduce_range=reduce_range)
+    if reduce_range and precision in INT8:
+        trial.notes.append("runtime: this CPU has no VNNI, so ONNX Runtime int8 weights use 7 bits (reduce_range) "
+                           "to avoid saturation in its u8 x s8 kernels")
     trial.extra_metrics["export_time_s"] = seconds
     trial.extra_metrics["runtime_max_abs_diff"] = _max_diff(model, served, example)
     if served.fixed_batch is not None:

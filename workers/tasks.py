@@ -83,8 +83,40 @@ def _heartbeat(redis: Any, k: dict[str, str], value: str) -> Iterator[None]:
         stop.set()
         thread.join(timeout=1)
         with contextlib.suppress(Exception):
-            if redis.get(key) in (value, value.encode()):
-                redis.delete(key)
+            redis.eval(_RELEASE, 1, key, value)
+
+
+# One round trip for the common case of a first delivery: not cancelled, no stored result, lease free.
+# KEYS: cancelled, result meta, lease, attempts; ARGV: owner, lease ttl, attempts ttl.
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'cancelled'} end
+local meta = redis.call('GET', KEYS[2])
+if meta then return {'stored', meta} end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then
+  local n = redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[3]))
+  return {'leased', n}
+end
+return {'busy'}
+"""
+# release the lease only if this process still holds it (KEYS: lease; ARGV: owner)
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _begin(task: Task, redis: Any, k: dict[str, str], owner: str) -> tuple[str, Any]:
+    """('cancelled' | 'stored' | 'leased' | 'busy', detail) in one Redis call (a Lua script)."""
+    meta_key = task.backend.get_key_for_task(task.request.id)
+    reply = redis.eval(_BEGIN, 4, k["cancelled"], meta_key, k["lease"], k["attempts"], owner, LEASE_TTL_S,
+                       RESULT_EXPIRES_S)
+    kind = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+    if kind == "stored":
+        meta = task.backend.decode(reply[1])
+        return kind, meta["result"] if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict) \
+            else None
+    return kind, (int(reply[1]) if kind == "leased" else None)
 
 
 def _stored_result(task: Task, task_id: str) -> dict[str, Any] | None:
@@ -123,19 +155,22 @@ def run_trial(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             return failed_result(number, f"worker refused the payload: {problem}")
     redis = self.backend.client
     k = keys(task_id)
-    if redis.exists(k["cancelled"]):
+    owner = _owner()
+    kind, detail = _begin(self, redis, k, owner)
+    if kind == "cancelled":
         log.info("trial %s dropped: its job was cancelled", number)
         raise Ignore()
-    done = _stored_result(self, task_id)
-    if done is not None:
+    if kind == "stored" and detail is not None:
         log.info("trial %s already has a result; not running it again", number)
-        return done
-    owner = _owner()
-    done = _acquire_lease(self, redis, k, owner)
-    if done is not None:
-        return done
-    attempt = int(redis.incr(k["attempts"]))
-    redis.expire(k["attempts"], RESULT_EXPIRES_S)
+        return detail  # type: ignore[no-any-return]
+    if kind == "leased":
+        attempt = int(detail)
+    else:  # another delivery holds the lease (or left a non-success state): the careful path
+        done = _acquire_lease(self, redis, k, owner)
+        if done is not None:
+            return done
+        attempt = int(redis.incr(k["attempts"]))
+        redis.expire(k["attempts"], RESULT_EXPIRES_S)
     limit = int(payload.get("max_attempts") or DEFAULT_MAX_ATTEMPTS)
     if attempt > limit:
         redis.delete(k["lease"])

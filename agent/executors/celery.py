@@ -36,7 +36,18 @@ _UNSET: Any = object()
 _READY = {"SUCCESS", "FAILURE", "REVOKED"}
 
 
-def task_id(job_key: str, number: int) -> str:
+# submit in one round trip: clear a cancel mark, see whether a result is stored, claim the sent marker.
+# KEYS: cancelled, result meta, sent; ARGV: sent ttl. Returns {cleared cancel mark, result or false, claimed}.
+_SUBMIT = """
+local cleared = redis.call('DEL', KEYS[1])
+local meta = redis.call('GET', KEYS[2])
+local claimed = 0
+if not meta and redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[1])) then claimed = 1 end
+return {cleared, meta or false, claimed}
+"""
+
+
+def task_id(job_key: str, number: int | str) -> str:
     """The one task id trial `number` of a job ever has."""
     return f"optagent-{job_key}-{number}"
 
@@ -87,14 +98,18 @@ class CeleryExecutor:
         tid = task_id(self.job_key, number)
         k = self._keys(tid)
         message = self._prepare(number, payload)
-        if self._redis.delete(k["cancelled"]):
-            log.info("job %s was cancelled on the workers before; submitting to it again resumes it", self.job_key)
         self._pending[number] = tid
         self._messages[number] = (message, *self._limits_for(payload))
-        self._subscribe(tid)
-        if self._meta(tid) is not None:
+        self._subscribe()  # before looking for a stored result, so a result published meanwhile wakes poll
+        cleared, meta, claimed = self._redis.eval(_SUBMIT, 3, k["cancelled"], self.app.backend.get_key_for_task(tid),
+                                                  k["sent"], int(self.app.conf.result_expires))
+        if cleared:
+            log.info("job %s was cancelled on the workers before; submitting to it again resumes it", self.job_key)
+        if meta and self._ready_meta(meta) is not None:
             return  # finished while no coordinator listened: the next poll delivers it
-        if not self._redis.set(k["sent"], "1", nx=True, ex=int(self.app.conf.result_expires)):
+        if not claimed:
+            if meta:  # a stored state that is not final (e.g. STARTED): the trial is out there
+                return
             log.debug("trial %s was sent before (queued or running); not sending it again", number)
             return
         try:
@@ -127,8 +142,6 @@ class CeleryExecutor:
     def cancel(self) -> None:
         """Drop queued trials of this job everywhere, kill running ones; nothing more is reported."""
         self.revoke(self._pending)
-        for tid in self._pending.values():
-            self._unsubscribe(tid)
         self._pending.clear()
         self._messages.clear()
 
@@ -247,20 +260,17 @@ class CeleryExecutor:
         soft, hard = payload.get("soft_time_limit_s"), payload.get("time_limit_s")
         return time_limits(soft, hard) if soft or hard else self._limits
 
-    def _subscribe(self, tid: str) -> None:
+    def _subscribe(self) -> None:
+        """One pattern subscription for all of this job's result keys (the backend publishes each result)."""
         if self._pubsub is None:
             self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        self._pubsub.subscribe(self.app.backend.get_key_for_task(tid))
-
-    def _unsubscribe(self, tid: str) -> None:
-        if self._pubsub is not None:
-            self._pubsub.unsubscribe(self.app.backend.get_key_for_task(tid))
+            self._pubsub.psubscribe(self.app.backend.get_key_for_task(task_id(self.job_key, "*")))
 
     def _meta(self, tid: str) -> dict[str, Any] | None:
         raw = self._redis.get(self.app.backend.get_key_for_task(tid))
         return self._ready_meta(raw)
 
-    def _ready_meta(self, raw: bytes | None) -> dict[str, Any] | None:
+    def _ready_meta(self, raw: bytes | str | None) -> dict[str, Any] | None:
         if raw is None:
             return None
         meta = self.app.backend.decode(raw)
@@ -276,7 +286,7 @@ class CeleryExecutor:
             meta = self._ready_meta(raw)
             if meta is None:
                 continue
-            self._unsubscribe(self._pending.pop(number))
+            self._pending.pop(number)
             self._messages.pop(number, None)
             self._reported.add(number)
             outcomes.append(Outcome(number, self._to_result(number, meta)))
