@@ -73,6 +73,31 @@ class JobConfig:
         return tuple(Objective.parse(o) for o in self.objectives)
 
 
+def set_trial_attrs(storage: Any, trial_id: int, *, system: dict[str, Any], user: dict[str, Any]) -> None:
+    """Optuna trial attributes in one transaction on an RDB storage (one write each elsewhere).
+
+    Each public `set_trial_*_attr` call is its own transaction (about 1.5 ms on SQLite here); a finished
+    trial writes two, on the coordinator's critical path. Uses RDBStorage's per-attribute helper, and falls
+    back to the public calls when an Optuna version lacks it.
+    """
+    from optuna.storages import RDBStorage
+
+    backend = getattr(storage, "_backend", storage)
+    if isinstance(backend, RDBStorage) and hasattr(backend, "_set_trial_attr_without_commit"):
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(backend.scoped_session, True) as session:
+            for model, attrs in ((models.TrialSystemAttributeModel, system), (models.TrialUserAttributeModel, user)):
+                for key, value in attrs.items():
+                    backend._set_trial_attr_without_commit(session, model, trial_id, key, value)
+        return
+    for key, value in system.items():  # pragma: no cover - in-memory/journal storages
+        storage.set_trial_system_attr(trial_id, key, value)
+    for key, value in user.items():  # pragma: no cover
+        storage.set_trial_user_attr(trial_id, key, value)
+
+
 def make_sampler(cfg: JobConfig) -> optuna.samplers.BaseSampler:
     """A fresh sampler (Optuna does not persist samplers, so resume rebuilds it from the config).
 
@@ -410,18 +435,18 @@ class Coordinator:
             result = {**result, "state": "failed", "failure_reason": f"objective metric {', '.join(missing)} missing"}
         trial = self._live.pop(number, None) or self._trial_handle(number)
         feasible = None
-        # one user attribute (one write) with what optuna-dashboard should show for the trial
+        # one user attribute with what optuna-dashboard should show for the trial
         shown: dict[str, Any] = {"optagent_number": number, "recipe": self._recipe_of(number)}
+        system: dict[str, Any] = {}
         if values is not None:
             c = self._constraint(metrics)
             feasible = c <= 0
-            # what Trial.set_constraint stores, in one write (set_constraint reads all system attrs first)
-            self.study._storage.set_trial_system_attr(trial._trial_id, f"constraints:{CONSTRAINT}", c)
+            system[f"constraints:{CONSTRAINT}"] = c  # what Trial.set_constraint stores (it re-reads all attrs)
             shown.update(feasible=feasible, **{CONSTRAINT: c},
                          **{k: metrics[k] for k in ("speedup", "model_size_mb") if k in metrics})
         else:
             shown["failure_reason"] = str(result.get("failure_reason"))[:1000]
-        trial.set_user_attr("optagent", shown)
+        set_trial_attrs(self.study._storage, trial._trial_id, system=system, user={"optagent": shown})
         if values is not None:
             self.study.tell(trial, values, skip_if_finished=True)
         else:

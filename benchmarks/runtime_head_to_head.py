@@ -55,7 +55,8 @@ def main() -> None:
     calls = {"baseline": lambda: baseline(batch), **{n: (lambda m=m: m(batch)) for n, m in models.items()}}
     stats = interleaved(calls, MeasureSettings(warmup=10, min_reps=100, max_reps=150, min_time_s=2, max_time_s=6))
     b = stats["baseline"]
-    print(f"structured pruning {args.amount} + 3-epoch fine-tune, batch {mf.default_batch_size}, {args.threads} thread(s), "
+    print(f"structured pruning {args.amount} + 3-epoch fine-tune, batch {mf.default_batch_size}, "
+          f"{args.threads} thread(s), "
           f"{b.reps} interleaved rounds; fp32 baseline {b.median_ms:.2f} ms (spread {b.spread:.1%}), "
           f"accuracy {mf.evaluate(baseline)['accuracy']:.4f}")
     for name in models:

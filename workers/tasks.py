@@ -83,7 +83,7 @@ def _heartbeat(redis: Any, k: dict[str, str], value: str) -> Iterator[None]:
         stop.set()
         thread.join(timeout=1)
         with contextlib.suppress(Exception):
-            redis.eval(_RELEASE, 1, key, value)
+            _script(redis, _RELEASE)(keys=[key], args=[value])
 
 
 # One round trip for the common case of a first delivery: not cancelled, no stored result, lease free.
@@ -106,11 +106,22 @@ return 0
 """
 
 
+_SCRIPTS: dict[tuple[int, str], Any] = {}
+
+
+def _script(redis: Any, source: str) -> Any:
+    """The script registered once per Redis client (sent by SHA after the first call)."""
+    key = (id(redis), source)
+    if key not in _SCRIPTS:
+        _SCRIPTS[key] = redis.register_script(source)
+    return _SCRIPTS[key]
+
+
 def _begin(task: Task, redis: Any, k: dict[str, str], owner: str) -> tuple[str, Any]:
     """('cancelled' | 'stored' | 'leased' | 'busy', detail) in one Redis call (a Lua script)."""
     meta_key = task.backend.get_key_for_task(task.request.id)
-    reply = redis.eval(_BEGIN, 4, k["cancelled"], meta_key, k["lease"], k["attempts"], owner, LEASE_TTL_S,
-                       RESULT_EXPIRES_S)
+    reply = _script(redis, _BEGIN)(keys=[k["cancelled"], meta_key, k["lease"], k["attempts"]],
+                                   args=[owner, LEASE_TTL_S, RESULT_EXPIRES_S])
     kind = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
     if kind == "stored":
         meta = task.backend.decode(reply[1])
@@ -162,7 +173,7 @@ def run_trial(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         raise Ignore()
     if kind == "stored" and detail is not None:
         log.info("trial %s already has a result; not running it again", number)
-        return detail  # type: ignore[no-any-return]
+        return detail
     if kind == "leased":
         attempt = int(detail)
     else:  # another delivery holds the lease (or left a non-success state): the careful path

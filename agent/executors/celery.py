@@ -71,6 +71,11 @@ class CeleryExecutor:
         self._fixed_capacity = capacity
         self._capacity_at = (0.0, 1)
         self._redis = self.app.backend.client
+        # Celery's send_task subscribes its own result consumer to every task's result channel (a SUBSCRIBE
+        # and, later, an UNSUBSCRIBE per trial); this executor reads results through one pattern
+        # subscription per job and MGET instead, so that consumer is switched off for this app alone.
+        self.app.backend.on_task_call = lambda producer, task_id: None
+        self._submit_script = self._redis.register_script(_SUBMIT)
         self._pubsub: Any = None
         self._pending: dict[int, str] = {}  # number -> task id, not yet reported
         self._reported: set[int] = set()
@@ -101,8 +106,9 @@ class CeleryExecutor:
         self._pending[number] = tid
         self._messages[number] = (message, *self._limits_for(payload))
         self._subscribe()  # before looking for a stored result, so a result published meanwhile wakes poll
-        cleared, meta, claimed = self._redis.eval(_SUBMIT, 3, k["cancelled"], self.app.backend.get_key_for_task(tid),
-                                                  k["sent"], int(self.app.conf.result_expires))
+        cleared, meta, claimed = self._submit_script(
+            keys=[k["cancelled"], self.app.backend.get_key_for_task(tid), k["sent"]],
+            args=[int(self.app.conf.result_expires)])
         if cleared:
             log.info("job %s was cancelled on the workers before; submitting to it again resumes it", self.job_key)
         if meta and self._ready_meta(meta) is not None:
