@@ -171,15 +171,17 @@ def run_job(db: str, model: Path, n_trials: int, executor_factory: Any, measure:
     return {"started": started, "finished": finished, "durations": durations, "optuna_ms": optuna_ms}
 
 
-def optuna_floor(db: str, n: int) -> float:
-    """Median ms per in-process ask/tell on the same storage: the cost no orchestration can avoid."""
+def optuna_floor(db: str, n: int, sampler: str = "tpe") -> float:
+    """Median ms per in-process ask/tell on the same storage, with the sampler a job of `n` trials uses
+    (TPE: multivariate, grouped, constant liar): the cost no orchestration can avoid."""
     import optuna
 
-    from optagent.coordinator import optuna_storage
+    from optagent.coordinator import JobConfig, make_sampler, optuna_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = JobConfig(model_path="floor", objectives=["accuracy:max", "latency_ms:min"], n_trials=n, sampler=sampler)
     study = optuna.create_study(storage=optuna_storage(db), study_name=f"floor-{uuid.uuid4().hex[:8]}",
-                                directions=["maximize", "minimize"])
+                                directions=["maximize", "minimize"], sampler=make_sampler(cfg))
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
