@@ -128,7 +128,8 @@ class RuntimeStrategy(Strategy):
                                                                                "max-autotune-no-cudagraphs")
             when: dict[str, list[Any]] = {"engine": ["compile"]}
             if not cuda:  # Inductor's CPU GEMM autotuner aborts on dynamically quantized Linear (torch 2.13)
-                when["quantization.mode"] = [m for m in PRECISIONS if m != "dynamic_int8"] + [None]
+                offered = {m for modes in engine_precisions(ctx).values() for m in modes}
+                when["quantization.mode"] = [m for m in PRECISIONS if m in offered and m != "dynamic_int8"] + [None]
             space.append(categorical("compile_mode", modes, when=when,
                                      help="torch.compile mode (max-autotune benchmarks kernels: slower compile)"))
         if "onnxruntime" in engines:
