@@ -213,6 +213,7 @@ class Coordinator:
         self.objectives = self.cfg.parsed_objectives
         self.strategies = [registry.strategy(name) for name in self.cfg.strategies]
         self._unsearched = [s for name, s in registry.strategies.items() if name not in self.cfg.strategies]
+        self._fixed: dict[str, Any] = {}  # their off params, which cross-strategy conditions read; see _setup_space
         self.study = optuna.create_study(
             storage=optuna_storage(url), study_name=self.study_name, load_if_exists=True,
             directions=[o.direction for o in self.objectives], sampler=make_sampler(self.cfg))
@@ -308,7 +309,7 @@ class Coordinator:
         assert self.baseline is not None and values is not None and self.space is not None
         if not any(t.number == 0 or t.user_attrs.get("optagent_number") == 0 for t in self.study.get_trials()):
             off = {s.name: s.off_params(self.space) for s in self.strategies}
-            flat, dists = study_point(self.strategies, self.space, off, self._fixed())
+            flat, dists = study_point(self.strategies, self.space, off, self._fixed)
             frozen = optuna.trial.create_trial(params=flat, distributions=dists, values=values,
                                                user_attrs={"optagent_number": 0, "baseline": True})
             frozen.set_constraint(CONSTRAINT, 0.0)
@@ -316,11 +317,6 @@ class Coordinator:
         self._update_front(0, values)
         self.study.set_user_attr("baseline_metrics", self.baseline)
         self._emit("baseline", metrics=self.baseline)
-
-    def _fixed(self) -> dict[str, Any]:
-        """Installed strategies this job does not search sit at their off params (conditions may read them)."""
-        assert self.space is not None
-        return {s.name: s.off_params(self.space) for s in self._unsearched}
 
     def _setup_space(self, result: dict[str, Any]) -> None:
         metrics = result["metrics"]
@@ -341,6 +337,8 @@ class Coordinator:
                                   default_batch_size=int(info.get("default_batch_size", 1)),
                                   has_conv=bool(info.get("has_conv", True)),
                                   has_linear=bool(info.get("has_linear", True)))
+        # installed strategies this job does not search sit at their off params (conditions may read them)
+        self._fixed = {s.name: s.off_params(self.space) for s in self._unsearched}
 
     # -- objectives, constraints, the front --------------------------------------------------------------
     def _objective_values(self, metrics: dict[str, float]) -> list[float] | None:
@@ -418,7 +416,7 @@ class Coordinator:
     def _ask(self) -> None:
         assert self.space is not None
         trial = self.study.ask()
-        params = suggest_all(trial, self.strategies, self.space, self._fixed())
+        params = suggest_all(trial, self.strategies, self.space, self._fixed)
         self._live[trial.number] = trial
         self._store_dispatch(trial.number, params, new=True)
         self.executor.submit(trial.number, self._payload(trial.number, params))

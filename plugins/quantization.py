@@ -150,15 +150,17 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+def int8_modes(ctx: SpaceContext) -> list[str]:
+    """The int8 modes the model's layers allow: dynamic needs Linear layers, static conv or Linear ones."""
+    return (["dynamic_int8"] if ctx.has_linear else []) + (["static_int8"] if ctx.has_conv or ctx.has_linear else [])
+
+
 def offered_modes(ctx: SpaceContext) -> list[str]:
     """The precision modes this hardware and the installed backends can run (always including "none")."""
     caps = ctx.capabilities
     modes = ["none"]
     if caps.device == "cpu" and available_backends(caps):
-        if ctx.has_linear:
-            modes.append("dynamic_int8")
-        if ctx.has_conv or ctx.has_linear:
-            modes.append("static_int8")
+        modes += int8_modes(ctx)
     if caps.device == "cuda":
         modes.append("fp16")
     if (caps.device == "cpu" and caps.cpu_bf16) or (caps.device == "cuda" and caps.gpu_bf16):

@@ -90,7 +90,7 @@ def offered_engines(ctx: SpaceContext) -> list[str]:
 
 def engine_precisions(ctx: SpaceContext) -> dict[str, list[str]]:
     """For each engine offered here, the `quantization.mode` values it can serve on this worker."""
-    from optagent.plugins.quantization import offered_modes
+    from optagent.plugins.quantization import int8_modes, offered_modes
 
     caps = ctx.capabilities
     cpu, cuda = caps.device == "cpu", caps.device == "cuda"
@@ -98,17 +98,13 @@ def engine_precisions(ctx: SpaceContext) -> dict[str, list[str]]:
     out = {"eager": offered_modes(ctx)}
     engines = offered_engines(ctx)
     if "compile" in engines:
-        modes = ["none"]
-        if cpu and caps.x86 and _installed("torchao"):  # PT2E with the x86 Inductor quantizer
-            modes += ["dynamic_int8"] if ctx.has_linear else []
-            modes += ["static_int8"] if ctx.has_conv or ctx.has_linear else []
-        out["compile"] = modes + (["fp16"] if cuda else []) + (["bf16"] if bf16 else [])
+        pt2e = cpu and caps.x86 and _installed("torchao")  # PT2E with the x86 Inductor quantizer
+        out["compile"] = ["none", *(int8_modes(ctx) if pt2e else []), *(["fp16"] if cuda else []),
+                          *(["bf16"] if bf16 else [])]
     if "onnxruntime" in engines:
-        modes = ["none"]
-        if cpu:  # onnxruntime.quantization's int8 kernels are CPU kernels; it has no CPU bf16 kernels
-            modes += ["dynamic_int8"] if ctx.has_linear else []
-            modes += ["static_int8"] if ctx.has_conv or ctx.has_linear else []
-        out["onnxruntime"] = modes + (["fp16"] if cuda and ort_gpu_providers() else [])
+        # onnxruntime.quantization's int8 kernels are CPU kernels; it has no CPU bf16 kernels
+        out["onnxruntime"] = ["none", *(int8_modes(ctx) if cpu else []),
+                              *(["fp16"] if cuda and ort_gpu_providers() else [])]
     return out
 
 
@@ -119,7 +115,8 @@ class RuntimeStrategy(Strategy):
                    "int8/bf16 from the quantization strategy is done by the chosen runtime's own toolchain.")
 
     def search_space(self, ctx: SpaceContext) -> list[Param]:
-        engines = offered_engines(ctx)
+        table = engine_precisions(ctx)  # the offered engines (in order) and what each can serve
+        engines = list(table)
         space = [categorical("engine", engines, help="inference runtime that serves the model")]
         cuda = ctx.capabilities.device == "cuda"
         if "compile" in engines:
@@ -128,7 +125,7 @@ class RuntimeStrategy(Strategy):
                                                                                "max-autotune-no-cudagraphs")
             when: dict[str, list[Any]] = {"engine": ["compile"]}
             if not cuda:  # Inductor's CPU GEMM autotuner aborts on dynamically quantized Linear (torch 2.13)
-                offered = {m for modes in engine_precisions(ctx).values() for m in modes}
+                offered = {m for modes in table.values() for m in modes}
                 when["quantization.mode"] = [m for m in PRECISIONS if m in offered and m != "dynamic_int8"] + [None]
             space.append(categorical("compile_mode", modes, when=when,
                                      help="torch.compile mode (max-autotune benchmarks kernels: slower compile)"))

@@ -124,15 +124,17 @@ def _begin(task: Task, redis: Any, k: dict[str, str], owner: str) -> tuple[str, 
                                    args=[owner, LEASE_TTL_S, RESULT_EXPIRES_S])
     kind = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
     if kind == "stored":
-        meta = task.backend.decode(reply[1])
-        return kind, meta["result"] if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict) \
-            else None
+        return kind, _success_result(task.backend.decode(reply[1]))
     return kind, (int(reply[1]) if kind == "leased" else None)
 
 
-def _stored_result(task: Task, task_id: str) -> dict[str, Any] | None:
-    meta = task.backend.get_task_meta(task_id)
+def _success_result(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of a stored task state if it is a successful trial result."""
     return meta["result"] if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict) else None
+
+
+def _stored_result(task: Task, task_id: str) -> dict[str, Any] | None:
+    return _success_result(task.backend.get_task_meta(task_id))
 
 
 def _acquire_lease(task: Task, redis: Any, k: dict[str, str], owner: str) -> dict[str, Any] | None:

@@ -113,9 +113,7 @@ class CeleryExecutor:
             log.info("job %s was cancelled on the workers before; submitting to it again resumes it", self.job_key)
         if meta and self._ready_meta(meta) is not None:
             return  # finished while no coordinator listened: the next poll delivers it
-        if not claimed:
-            if meta:  # a stored state that is not final (e.g. STARTED): the trial is out there
-                return
+        if not claimed:  # sent before (queued or running), or a stored state that is not final: it is out there
             log.debug("trial %s was sent before (queued or running); not sending it again", number)
             return
         try:
