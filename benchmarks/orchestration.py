@@ -9,7 +9,8 @@
    answers instantly, so only Optuna, SQL and bookkeeping are timed. Target: at most 1.5x.
 
     python benchmarks/orchestration.py [--broker redis://127.0.0.1:6379/13] [--db sqlite:///x.db]
-                                       [--trials 40] [--compute-trials 8] [--scaling-trials 2000]
+                                       [--trials 40] [--rounds 3] [--compute-trials 8]
+                                       [--scaling-trials 2000]
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def run_job(db: str, model: Path, n_trials: int, executor_factory: Any, measure:
     coordinator = Coordinator(engine, db, job.id, registry,
                               executor_factory(f"{job.id}-{digest[:8]}-{uuid.uuid4().hex[:4]}"), on_event=on_event)
     optuna_ms: dict[int, float] = {}  # Optuna's own work per trial: ask, sampling (suggest) and tell
-    ask, tell = coordinator.study.ask, coordinator.study.tell
+    ask = coordinator.study.ask
 
     def timed_ask(*a: Any, **k: Any) -> Any:
         t0 = time.perf_counter()
@@ -145,15 +146,19 @@ def run_job(db: str, model: Path, n_trials: int, executor_factory: Any, measure:
         optuna_ms[trial.number] = (time.perf_counter() - t0) * 1000
         return trial
 
-    def timed_tell(trial: Any, *a: Any, **k: Any) -> Any:
+    import optagent.coordinator as coord
+
+    tell = coord.tell  # the coordinator's tell (Study.tell without reading the finished trial back)
+
+    def timed_tell(study: Any, trial: Any, *a: Any, **k: Any) -> Any:
         t0 = time.perf_counter()
-        out = tell(trial, *a, **k)
+        out = tell(study, trial, *a, **k)
         number = trial if isinstance(trial, int) else trial.number
         optuna_ms[number] = optuna_ms.get(number, 0.0) + (time.perf_counter() - t0) * 1000
         return out
 
-    coordinator.study.ask, coordinator.study.tell = timed_ask, timed_tell  # type: ignore[method-assign]
-    import optagent.coordinator as coord
+    coordinator.study.ask = timed_ask  # type: ignore[method-assign]
+    coord.tell = timed_tell  # type: ignore[assignment]
 
     suggest = coord.suggest_all  # define-by-run: the sampler does its work inside trial.suggest_* calls
 
@@ -167,7 +172,7 @@ def run_job(db: str, model: Path, n_trials: int, executor_factory: Any, measure:
     try:
         coordinator.run()
     finally:
-        coord.suggest_all = suggest  # type: ignore[assignment]
+        coord.suggest_all, coord.tell = suggest, tell  # type: ignore[assignment]
     return {"started": started, "finished": finished, "durations": durations, "optuna_ms": optuna_ms}
 
 
@@ -191,36 +196,50 @@ def optuna_floor(db: str, n: int, sampler: str = "tpe") -> float:
     return statistics.median(times[2:])
 
 
-def bench_overhead(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+def _serial_overhead(run: dict[str, Any]) -> float:
+    """Median wall time per trial outside the trial's own duration, one trial in flight."""
+    numbers = sorted(n for n in run["finished"] if n in run["started"])[2:]  # skip warm-up trials
+    walls = [(run["finished"][n] - run["started"][n]) * 1000 for n in numbers]
+    # the next trial starts only after the previous one is told, so the gap between them is overhead too
+    gaps = [(run["started"][n + 1] - run["finished"][n]) * 1000 for n in numbers if n + 1 in run["started"]]
+    overhead = [w - run["durations"][n] * 1000 for w, n in zip(walls, numbers, strict=True)]
+    return statistics.median(overhead) + (statistics.median(gaps) if gaps else 0.0)
+
+
+def bench_overhead(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Two figures. Serial: one trial in flight (capacity 1), so every step -- ask, SQL, Redis, worker, result,
-    tell -- is on the critical path: wall time per trial outside the trial's own duration. Pipelined: the
-    executor's default window (live workers + 1 queued), as `optagent search --broker` runs: the median gap
-    between consecutive trial completions minus the trial's duration, i.e. what a trial costs in wall time
-    beyond its own work when the coordinator asks and tells while the worker computes."""
+    tell -- is on the critical path: wall time per trial outside the trial's own duration. It is measured in
+    `--rounds` rounds, each a job and then the floor on the same storage, so slow phases of a shared machine
+    hit both alike; the figure is the median over rounds of (job - floor). Pipelined: the executor's default
+    window (live workers + 1 queued), as `optagent search --broker` runs: the median gap between consecutive
+    trial completions minus the trial's duration, i.e. what a trial costs in wall time beyond its own work
+    when the coordinator asks and tells while the worker computes."""
     from optagent.executors.celery import CeleryExecutor
 
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     model = _model(tmp, 4)
+    rounds: list[dict[str, float]] = []
     with workers(args.broker, queue, 1, tmp):
-        serial = run_job(args.db, model, args.trials,
-                         lambda key: CeleryExecutor(args.broker, queue, key, capacity=1), NOOP_MEASURE)
+        for _ in range(args.rounds):
+            serial = run_job(args.db, model, args.trials,
+                             lambda key: CeleryExecutor(args.broker, queue, key, capacity=1), NOOP_MEASURE)
+            floor = optuna_floor(args.db, args.trials)
+            per_trial = _serial_overhead(serial)
+            rounds.append({"serial_ms": per_trial, "optuna_floor_ms": floor, "added_ms": per_trial - floor,
+                           "trial_duration_ms": statistics.median(d * 1000 for d in serial["durations"].values())})
         piped = run_job(args.db, model, args.trials, lambda key: CeleryExecutor(args.broker, queue, key),
                         NOOP_MEASURE)
-    numbers = sorted(n for n in serial["finished"] if n in serial["started"])[2:]  # skip warm-up trials
-    walls = [(serial["finished"][n] - serial["started"][n]) * 1000 for n in numbers]
-    # the next trial starts only after the previous one is told, so the gap between them is overhead too
-    gaps = [(serial["started"][n + 1] - serial["finished"][n]) * 1000 for n in numbers if n + 1 in serial["started"]]
-    overhead = [w - serial["durations"][n] * 1000 for w, n in zip(walls, numbers, strict=True)]
-    per_trial = statistics.median(overhead) + (statistics.median(gaps) if gaps else 0.0)
+        floor = optuna_floor(args.db, args.trials)
     done = sorted(piped["finished"].items(), key=lambda kv: kv[1])[2:]
     intervals = [(b[1] - a[1]) * 1000 - piped["durations"][b[0]] * 1000 for a, b in zip(done, done[1:], strict=False)]
     pipelined = statistics.median(intervals)
-    floor = optuna_floor(args.db, args.trials)
-    return {"serial_ms": per_trial, "pipelined_ms": pipelined, "optuna_floor_ms": floor,
-            "serial_added_ms": per_trial - floor, "pipelined_added_ms": pipelined - floor,
-            "serial_ratio": per_trial / floor if floor else float("inf"),
-            "pipelined_ratio": pipelined / floor if floor else float("inf"),
-            "trial_duration_ms": statistics.median(d * 1000 for d in serial["durations"].values())}
+    added = [r["added_ms"] for r in rounds]
+    return {"serial_added_ms": statistics.median(added), "serial_added_ms_range": [min(added), max(added)],
+            "serial_ms": statistics.median(r["serial_ms"] for r in rounds),
+            "optuna_floor_ms": statistics.median(r["optuna_floor_ms"] for r in rounds),
+            "serial_ratio": statistics.median(r["serial_ms"] / r["optuna_floor_ms"] for r in rounds),
+            "rounds": rounds, "pipelined_ms": pipelined, "pipelined_floor_ms": floor,
+            "pipelined_added_ms": pipelined - floor}
 
 
 def bench_throughput(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
@@ -307,6 +326,7 @@ def main() -> None:
     parser.add_argument("--broker", default=os.environ.get("OPTAGENT_BROKER_URL", "redis://127.0.0.1:6379/13"))
     parser.add_argument("--db", default=None, help="storage URL [default: a fresh SQLite file]")
     parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3, help="serial overhead rounds (job, then floor)")
     parser.add_argument("--compute-trials", type=int, default=8)
     parser.add_argument("--scaling-trials", type=int, default=2000, help="0 skips the scaling benchmark")
     parser.add_argument("--only", choices=["overhead", "throughput", "scaling"])

@@ -120,6 +120,12 @@ def test_round_trip_through_a_real_worker(pool: Any, executor: CeleryExecutor, t
     assert result["worker"]["pid"] != os.getpid() and result["worker"]["attempt"] == 1
     assert executor.in_flight() == set() and executor.poll(0.2) == []
     assert executor.workers() == 2 and executor.capacity == 3
+    # the lease goes once the result is stored (after_return): nothing is left to lapse
+    lease = keys(task_id(executor.job_key, 1))["lease"]
+    deadline = time.monotonic() + 5
+    while executor._redis.exists(lease) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not executor._redis.exists(lease)
 
 
 def test_forged_and_unsigned_payloads_are_refused_not_run(pool: Any, executor: CeleryExecutor,

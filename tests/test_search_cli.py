@@ -170,3 +170,69 @@ def test_a_trial_that_kills_or_hangs_its_process_fails_alone(workdir: Path) -> N
     assert any("signal SIGKILL" in r for r in reasons), reasons
     assert any("time limit of 10 s" in r for r in reasons), reasons
     assert all(t["state"] in ("complete", "failed") for t in trials)
+
+
+CRASH_BETWEEN_SEND_AND_RECORD = '''
+import hashlib, os, sys
+from optagent.coordinator import Coordinator, JobConfig, create_job
+from optagent.executors.local import LocalExecutor
+from optagent.registry import build_registry
+from optagent.storage import init_db
+
+url, model = sys.argv[1], os.path.abspath("tiny_model.py")
+engine = init_db(url)
+cfg = JobConfig(model_path=model, strategies=["pruning", "quantization"], n_trials=4, sampler="random", seed=5,
+                confirm=False)
+job = create_job(engine, cfg, "crash-unrecorded", hashlib.sha256(open(model, "rb").read()).hexdigest())
+coordinator = Coordinator(engine, url, job.id, build_registry(), LocalExecutor(workers=1))
+record = Coordinator._store_dispatch
+
+def store_dispatch(self, number, params, new=False):
+    if number == 2:  # trial 2 is sent, then the coordinator dies before recording it...
+        self.study.ask()  # ...and right after asking trial 3, before sampling it
+        os._exit(3)
+    record(self, number, params, new)
+
+Coordinator._store_dispatch = store_dispatch
+coordinator.run()
+'''
+
+
+def test_resume_recovers_trials_sent_but_not_recorded(workdir: Path) -> None:
+    """The coordinator sends a trial before writing its row: a crash in between leaves an Optuna trial with
+    no row. Resume rebuilds its params from the study and runs it; a trial asked but never sampled is
+    failed in Optuna (it never ran) and does not count against the budget."""
+    import optuna
+
+    from optagent.strategy import flatten
+
+    url = f"sqlite:///{workdir / 'crash.db'}"
+    proc = subprocess.run([sys.executable, "-c", CRASH_BETWEEN_SEND_AND_RECORD, url], cwd=workdir,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    engine = engine_for(url)
+    with Session(engine) as s:
+        job = find_job(s, "crash-unrecorded")
+        assert [t.number for t in job_trials(s, job.id)] == [0, 1]
+        study_name = job.study_name
+    study = optuna.load_study(study_name=study_name, storage=url)
+    sent = study.trials[2]
+    assert sent.state == optuna.trial.TrialState.RUNNING and sent.params
+    assert study.trials[3].state == optuna.trial.TrialState.RUNNING and not study.trials[3].params
+
+    resumed = run("resume", "crash-unrecorded", "--db", url, "--json", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    with Session(engine) as s:
+        rows = {t.number: t for t in job_trials(s, find_job(s, "crash-unrecorded").id)}
+    assert sorted(rows) == [0, 1, 2, 4, 5]  # 4 searched trials: the budget, without trial 3
+    assert all(t.state in ("complete", "failed") for t in rows.values())
+    assert flatten(rows[2].params) == {k.partition("@")[0]: v for k, v in sent.params.items()}
+    study = optuna.load_study(study_name=study_name, storage=url)
+    assert not [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert study.trials[3].state == optuna.trial.TrialState.FAIL
+    assert "stopped before the trial was sent" in study.trials[3].user_attrs["optagent"]["failure_reason"]
+    for n in (1, 2, 4, 5):  # each result, its constraint and its dashboard attribute went in with its tell
+        t = study.trials[n]
+        assert t.user_attrs["optagent"]["optagent_number"] == n
+        if rows[n].state == "complete":
+            assert t.values == rows[n].values and "constraints:accuracy_drop" in t.system_attrs

@@ -24,7 +24,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from celery import Task, shared_task
@@ -57,33 +56,51 @@ def _owner_dead(raw: bytes | str) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _heartbeat(redis: Any, k: dict[str, str], value: str) -> Iterator[None]:
-    """Keep the lease alive while the trial runs (it lapses LEASE_TTL_S after this process dies), and
-    end the trial if its job is cancelled: killing this pool process is the only way to stop arbitrary
-    model code; the redelivered message then finds the job cancelled and is dropped."""
-    stop = threading.Event()
-    key = k["lease"]
+class _Lease:
+    """A running trial's lease, kept alive by a heartbeat thread (it lapses LEASE_TTL_S after this process
+    dies). The heartbeat also ends the trial if its job is cancelled: killing this pool process is the only
+    way to stop arbitrary model code; the redelivered message then finds the job cancelled and is dropped.
 
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
+    It is released by the task's `after_return`, i.e. once Celery has stored the result: a duplicate
+    delivery then finds the result, never a free lease with no result yet, and the release is off the
+    path between the trial's end and its published result."""
+
+    def __init__(self, redis: Any, k: dict[str, str], owner: str):
+        self.redis, self.k, self.owner = redis, k, owner
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="optagent-lease", daemon=True)
+
+    def start(self) -> _Lease:
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
             with contextlib.suppress(Exception):  # a Redis blip must not kill the trial
-                redis.set(key, value, ex=LEASE_TTL_S)
-                if redis.exists(k["cancelled"]):
+                self.redis.set(self.k["lease"], self.owner, ex=LEASE_TTL_S)
+                if self.redis.exists(self.k["cancelled"]):
                     log.warning("job cancelled: stopping the trial by ending its process")
-                    redis.decr(k["attempts"])  # a cancelled attempt is not a crash
-                    redis.delete(key)
+                    self.redis.decr(self.k["attempts"])  # a cancelled attempt is not a crash
+                    self.redis.delete(self.k["lease"])
                     os.kill(os.getpid(), signal.SIGKILL)
 
-    thread = threading.Thread(target=beat, name="optagent-lease", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=1)
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
         with contextlib.suppress(Exception):
-            _script(redis, _RELEASE)(keys=[key], args=[value])
+            _script(self.redis, _RELEASE)(keys=[self.k["lease"]], args=[self.owner])
+
+
+_held: _Lease | None = None  # the lease of the trial this pool process is running (one at a time)
+
+
+class _TrialTask(Task):
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Runs after Celery stored the result (or the failure): now the lease can go."""
+        global _held
+        lease, _held = _held, None
+        if lease is not None:
+            lease.release()
 
 
 # One round trip for the common case of a first delivery: not cancelled, no stored result, lease free.
@@ -155,7 +172,8 @@ def _acquire_lease(task: Task, redis: Any, k: dict[str, str], owner: str) -> dic
         time.sleep(HEARTBEAT_S / 2)
 
 
-@shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=False)
+@shared_task(name=TASK_NAME, bind=True, base=_TrialTask, acks_late=True, reject_on_worker_lost=True,
+             ignore_result=False)
 def run_trial(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Run one trial payload (plain JSON in, plain JSON out); see the module docstring for the guards."""
     task_id: str = self.request.id
@@ -193,11 +211,14 @@ def run_trial(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     log.info("trial %s: attempt %d of %d", number, attempt, limit)
     from optagent.pipeline import run_trial as run  # torch stays out of the worker's parent process
 
-    with _heartbeat(redis, k, owner):
-        try:
-            result = run({**payload, "attempt": attempt})
-        except SoftTimeLimitExceeded:  # raised outside the pipeline's own handler
-            result = failed_result(number, "trial exceeded its soft time limit", worker=worker_identity(attempt))
+    global _held
+    if _held is not None:  # pragma: no cover - an earlier task ended without after_return
+        _held.release()
+    _held = _Lease(redis, k, owner).start()  # released by after_return, once the result is stored
+    try:
+        result = run({**payload, "attempt": attempt})
+    except SoftTimeLimitExceeded:  # raised outside the pipeline's own handler
+        result = failed_result(number, "trial exceeded its soft time limit", worker=worker_identity(attempt))
     if str(result.get("failure_reason") or "").startswith("SoftTimeLimitExceeded"):
         limit_s = self.request.timelimit[1] if self.request.timelimit else None
         result["failure_reason"] = f"trial exceeded its soft time limit{f' of {limit_s:.0f} s' if limit_s else ''}"

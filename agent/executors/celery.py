@@ -126,19 +126,24 @@ class CeleryExecutor:
                             "check that Redis is running and the URL is right") from exc
 
     def poll(self, timeout: float) -> list[Outcome]:
+        """Results stored since the last poll (one MGET), else the first ones published within `timeout`:
+        the backend publishes each result's state on its key, so a published result is reported from the
+        message itself, without another round trip."""
         deadline = time.monotonic() + max(0.0, timeout)
-        while True:
-            self._rescue()
-            outcomes = self._collect()
+        self._rescue()
+        outcomes = self._collect()
+        while not outcomes:
             remaining = deadline - time.monotonic()
-            if outcomes or remaining <= 0:
-                return outcomes
+            if remaining <= 0:
+                return []
             if not self._pending:
                 time.sleep(remaining)
                 return []
-            self._pubsub.get_message(timeout=min(remaining, 1.0))  # woken by the backend's publish
-            while self._pubsub.get_message(timeout=0) is not None:
-                pass
+            message = self._pubsub.get_message(timeout=min(remaining, 1.0))
+            while message is not None:
+                outcomes += self._published(message)
+                message = self._pubsub.get_message(timeout=0)
+        return outcomes
 
     def in_flight(self) -> set[int]:
         return set(self._pending)
@@ -179,8 +184,11 @@ class CeleryExecutor:
 
     def _send(self, number: int) -> None:
         message, soft, hard = self._messages[number]
+        # argsrepr: the message headers name the trial instead of carrying a repr of the payload (the model's
+        # source), which monitoring tools show and which Celery would build for every trial
         self.app.send_task("optagent.run_trial", args=[message], task_id=self._pending[number], queue=self.queue,
-                           soft_time_limit=soft, time_limit=hard)
+                           soft_time_limit=soft, time_limit=hard, argsrepr=f"(trial {number} of {self.job_key})",
+                           kwargsrepr="{}")
 
     def _rescue(self) -> None:
         """Re-send trials whose worker *host* died mid-trial.
@@ -281,20 +289,27 @@ class CeleryExecutor:
         return meta if meta.get("status") in _READY else None
 
     def _collect(self) -> list[Outcome]:
+        """Every pending trial whose result is stored (one MGET)."""
         if not self._pending:
             return []
         numbers = list(self._pending)
         raws = self._redis.mget([self.app.backend.get_key_for_task(self._pending[n]) for n in numbers])
-        outcomes = []
-        for number, raw in zip(numbers, raws, strict=True):
-            meta = self._ready_meta(raw)
-            if meta is None:
-                continue
-            self._pending.pop(number)
-            self._messages.pop(number, None)
-            self._reported.add(number)
-            outcomes.append(Outcome(number, self._to_result(number, meta)))
-        return outcomes
+        return [self._report(n, meta) for n, meta in zip(numbers, map(self._ready_meta, raws), strict=True) if meta]
+
+    def _published(self, message: dict[str, Any]) -> list[Outcome]:
+        """The outcome a pattern-subscription message carries, if it is a final state of a pending trial."""
+        channel = message.get("channel")
+        channel = channel.encode() if isinstance(channel, str) else channel  # result keys are bytes
+        number = next((n for n, tid in self._pending.items()
+                       if self.app.backend.get_key_for_task(tid) == channel), None)
+        meta = self._ready_meta(message.get("data")) if number is not None else None
+        return [self._report(number, meta)] if number is not None and meta is not None else []
+
+    def _report(self, number: int, meta: dict[str, Any]) -> Outcome:
+        self._pending.pop(number)
+        self._messages.pop(number, None)
+        self._reported.add(number)
+        return Outcome(number, self._to_result(number, meta))
 
     @staticmethod
     def _to_result(number: int, meta: dict[str, Any]) -> dict[str, Any]:
