@@ -28,6 +28,7 @@ from optagent import pareto
 from optagent.errors import UserError
 from optagent.executors import Executor
 from optagent.hardware import Capabilities
+from optagent.measure import reference_key
 from optagent.registry import Registry
 from optagent.storage import Job, Trial, get_trial, job_trials, utcnow
 from optagent.strategy import Objective, SpaceContext, sample, study_point, suggest_all
@@ -287,6 +288,7 @@ class Coordinator:
         self._front: dict[int, list[float]] = {}
         self._live: dict[int, optuna.trial.Trial] = {}
         self._dispatched: dict[int, tuple[dict[str, Any], str]] = {}  # number -> (params, recipe) until told
+        self._references: dict[str, float] = {}  # reference_key -> quietest baseline latency (ms)
         self._finished: set[int] = set()  # searched trials told to Optuna (complete or failed)
         self._failed = 0
         self._job_json = job_dict(self._job())
@@ -322,8 +324,20 @@ class Coordinator:
     def _payload(self, number: int, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if self.cfg.executor != "local" and self._source_b64 is None:
             self._source_b64 = base64.b64encode(Path(self.model_path).read_bytes()).decode()
-        return make_payload(self.cfg, {"id": self.job_id, "name": self.job_name}, self.model_path,
-                            self.model_hash, number, params, self._source_b64)
+        payload = make_payload(self.cfg, {"id": self.job_id, "name": self.job_name}, self.model_path,
+                               self.model_hash, number, params, self._source_b64)
+        payload["reference_ms"] = dict(self._references)
+        return payload
+
+    def _note_reference(self, metrics: dict[str, Any], worker: dict[str, Any] | None) -> None:
+        """The job's reference baseline latency per worker and batch: the first one measured there (the
+        baseline trial's, for its batch), fixed for the job so every trial is scaled alike. Trials calibrate
+        their latencies by it and time again when their baseline runs well above it (docs/metrics.md)."""
+        if not worker or "baseline_latency_ms" not in metrics or "batch_size" not in metrics:
+            return
+        key = reference_key(str(worker.get("host", "")), worker.get("gpu"), int(metrics["batch_size"]))
+        if float(metrics["baseline_latency_ms"]) > 0:
+            self._references.setdefault(key, float(metrics["baseline_latency_ms"]))
 
     def _beat(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -360,9 +374,11 @@ class Coordinator:
                 raise
             values = self._objective_values(result["metrics"])
             self._store_result(0, result, values=values, feasible=True)
+            self._note_reference(result["metrics"], result.get("worker"))
         else:
             self._setup_space({"capabilities": row.hardware.get("capabilities"),
                                "model_info": row.hardware.get("model_info"), "metrics": row.metrics})
+            self._note_reference(row.metrics, row.worker)
             values = row.values
         assert self.baseline is not None and values is not None and self.space is not None
         if not any(t.number == 0 or t.user_attrs.get("optagent_number") == 0 for t in self.study.get_trials()):
@@ -506,6 +522,8 @@ class Coordinator:
         self._tell_study(live or self._trial_handle(number), row, update)  # the row is written with the tell
         self._finished.add(number)
         self._failed += values is None
+        if values is not None:
+            self._note_reference(metrics, result.get("worker"))
         if feasible and values is not None:
             self._update_front(number, values)
             row.on_front = number in self._front
@@ -554,6 +572,7 @@ class Coordinator:
             elif row.state in ("complete", "failed"):
                 self._finished.add(row.number)
                 self._failed += row.state == "failed"
+                self._note_reference(row.metrics, row.worker)
                 if row.feasible and row.values is not None:
                     self._update_front(row.number, row.values)
         frozen = {t.number: t for t in self.study.get_trials(deepcopy=False)}

@@ -17,9 +17,10 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,6 @@ class MeasureSettings:
     min_time_s: float = 0.5  # keep timing at least this long per candidate...
     max_time_s: float = 4.0  # ...and stop by this, spread reached or not
     target_spread: float = 0.05  # stop once IQR/median falls below this (after min_time_s)
-
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> MeasureSettings:
         known = set(cls.__dataclass_fields__)
@@ -90,6 +90,8 @@ def quiet_median(samples: Sequence[float], blocks: int = 8, min_block: int = 5) 
 def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
     """Time one call in milliseconds; CUDA calls are timed with events and synchronised."""
     if device.type == "cuda":
+        import torch
+
         def cuda_time(fn: Callable[[], Any]) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -114,6 +116,8 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], settings: MeasureSetting
     Stops when every callable has `min_reps` samples, `min_time_s` has passed and each spread is
     below `target_spread`, or when `max_time_s` / `max_reps` is reached.
     """
+    import torch  # here, not at import: the coordinator reads this module and never loads torch
+
     s = settings or MeasureSettings()
     timer = _timer(device or torch.device("cpu"))
     names = list(calls)
@@ -136,6 +140,11 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], settings: MeasureSetting
             if settled and all(LatencyStats.of(v).spread <= s.target_spread for v in samples.values()):
                 break
     return {name: LatencyStats.of(v) for name, v in samples.items()}
+
+
+def reference_key(host: str, gpu: str | None, batch: int) -> str:
+    """Which reference latency applies: one per worker host (and GPU) and batch size."""
+    return f"{host}/{gpu or 'cpu'}/{batch}"
 
 
 @contextlib.contextmanager

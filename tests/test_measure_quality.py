@@ -68,3 +68,36 @@ def test_fingerprint_names_what_makes_figures_comparable() -> None:
     fp = fingerprint(3)
     assert fp["threads"] == 3 and fp["torch"] and fp["cpu_model"]
     assert isinstance(fp["cpu_flags"], list) and "device" in fp
+
+
+
+def test_latency_is_calibrated_by_the_jobs_reference_and_the_raw_median_kept(tmp_path, monkeypatch) -> None:
+    """With the job's reference for this worker and batch, latency_ms is the reference over the paired speedup
+    (a slow phase moves candidate and baseline alike); the trial's own median stays in latency_measured_ms."""
+    from pathlib import Path
+
+    from optagent.contract import sha256_bytes
+    from optagent.executors._base import worker_identity
+    from optagent.measure import reference_key
+    from optagent.pipeline import run_trial
+
+    monkeypatch.setenv("OPTAGENT_CACHE_DIR", str(tmp_path / "cache"))
+    tiny = Path(__file__).parent / "fixtures" / "tiny_model.py"
+    payload = {"trial": 1, "job": {"id": 1, "name": "t"},
+               "model": {"path": str(tiny), "sha256": sha256_bytes(tiny.read_bytes()), "source_b64": None},
+               "params": {"pruning": {"method": "structured", "amount": 0.5}}, "strategies": ["pruning"],
+               "objectives": ["accuracy:max", "latency_ms:min"], "seed": 1, "threads": 1, "device": "cpu",
+               "measure": {"warmup": 3, "min_time_s": 0.05, "max_time_s": 0.3}}
+    raw = run_trial(payload)["metrics"]
+    assert raw["latency_ms"] == raw["latency_measured_ms"] and "baseline_drift" not in raw  # no reference yet
+
+    me = worker_identity()
+    reference = 2.0 * raw["baseline_latency_ms"]  # as if the reference had been taken on a machine twice as slow
+    m = run_trial({**payload, "reference_ms": {reference_key(me["host"], me["gpu"], 8): reference}})["metrics"]
+    assert m["latency_ms"] == pytest.approx(reference / m["speedup"])
+    assert m["latency_per_sample_ms"] == pytest.approx(m["latency_ms"] / 8)
+    assert m["throughput"] == pytest.approx(8000.0 / m["latency_ms"])
+    assert m["baseline_drift"] == pytest.approx(m["baseline_latency_ms"] / reference - 1)
+    assert m["latency_measured_ms"] != m["latency_ms"]
+    other = run_trial({**payload, "reference_ms": {reference_key(me["host"], me["gpu"], 16): reference}})["metrics"]
+    assert other["latency_ms"] == other["latency_measured_ms"]  # another batch's reference does not apply
