@@ -28,7 +28,7 @@ from optagent import pareto
 from optagent.errors import UserError
 from optagent.executors import Executor
 from optagent.hardware import Capabilities
-from optagent.measure import reference_key
+from optagent.measure import calibrate, reference_key
 from optagent.registry import Registry
 from optagent.storage import Job, Trial, get_trial, job_trials, utcnow
 from optagent.strategy import Objective, SpaceContext, sample, study_point, suggest_all
@@ -96,6 +96,10 @@ class StudyStorage(optuna.storages.RDBStorage):
         attributes. Replaces whatever a tell that did not write left staged (a trial told before, which
         `skip_if_finished` skips)."""
         self._staged = {trial_id: (statements, system, user)}
+
+    def unstage(self, trial_id: int) -> bool:
+        """Drop what is staged for `trial_id`; True if it was still there (the tell did not write it)."""
+        return self._staged.pop(trial_id, None) is not None
 
     def set_trial_state_values(self, trial_id: int, state: optuna.trial.TrialState,
                                values: Any = None) -> bool:
@@ -288,7 +292,7 @@ class Coordinator:
         self._front: dict[int, list[float]] = {}
         self._live: dict[int, optuna.trial.Trial] = {}
         self._dispatched: dict[int, tuple[dict[str, Any], str]] = {}  # number -> (params, recipe) until told
-        self._references: dict[str, float] = {}  # reference_key -> quietest baseline latency (ms)
+        self._references: dict[str, float] = {}  # reference_key -> the job's reference latency (ms)
         self._finished: set[int] = set()  # searched trials told to Optuna (complete or failed)
         self._failed = 0
         self._job_json = job_dict(self._job())
@@ -324,20 +328,28 @@ class Coordinator:
     def _payload(self, number: int, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if self.cfg.executor != "local" and self._source_b64 is None:
             self._source_b64 = base64.b64encode(Path(self.model_path).read_bytes()).decode()
-        payload = make_payload(self.cfg, {"id": self.job_id, "name": self.job_name}, self.model_path,
-                               self.model_hash, number, params, self._source_b64)
-        payload["reference_ms"] = dict(self._references)
-        return payload
+        return make_payload(self.cfg, {"id": self.job_id, "name": self.job_name}, self.model_path,
+                            self.model_hash, number, params, self._source_b64)
+
+    def _calibrated(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The result with its latencies on the job's reference scale (`optagent.measure.calibrate`). The
+        reference per worker and batch is the interleaved baseline latency of the first trial told there
+        (the baseline trial's, at the default batch); it is stored with every trial (latency_reference_ms),
+        so a resumed job keeps it."""
+        metrics, worker = result.get("metrics") or {}, result.get("worker") or {}
+        if result.get("state") != "complete" or "batch_size" not in metrics:
+            return result
+        key = reference_key(str(worker.get("host", "")), worker.get("gpu"), int(metrics["batch_size"]))
+        calibrated = calibrate(metrics, self._references.get(key))
+        if "latency_reference_ms" in calibrated:
+            self._references.setdefault(key, float(calibrated["latency_reference_ms"]))
+        return {**result, "metrics": calibrated}
 
     def _note_reference(self, metrics: dict[str, Any], worker: dict[str, Any] | None) -> None:
-        """The job's reference baseline latency per worker and batch: the first one measured there (the
-        baseline trial's, for its batch), fixed for the job so every trial is scaled alike. Trials calibrate
-        their latencies by it and time again when their baseline runs well above it (docs/metrics.md)."""
-        if not worker or "baseline_latency_ms" not in metrics or "batch_size" not in metrics:
-            return
-        key = reference_key(str(worker.get("host", "")), worker.get("gpu"), int(metrics["batch_size"]))
-        if float(metrics["baseline_latency_ms"]) > 0:
-            self._references.setdefault(key, float(metrics["baseline_latency_ms"]))
+        """On resume: the reference a stored trial was calibrated by."""
+        if worker and "latency_reference_ms" in metrics and "batch_size" in metrics:
+            key = reference_key(str(worker.get("host", "")), worker.get("gpu"), int(metrics["batch_size"]))
+            self._references.setdefault(key, float(metrics["latency_reference_ms"]))
 
     def _beat(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -362,6 +374,7 @@ class Coordinator:
                     if outcome.number == 0:
                         result = outcome.result
                 self._beat()
+            result = self._calibrated(result)
             if result["state"] != "complete":
                 reason = result.get("failure_reason") or "unknown"
                 self._store_result(0, result, values=None, feasible=None)
@@ -374,7 +387,6 @@ class Coordinator:
                 raise
             values = self._objective_values(result["metrics"])
             self._store_result(0, result, values=values, feasible=True)
-            self._note_reference(result["metrics"], result.get("worker"))
         else:
             self._setup_space({"capabilities": row.hardware.get("capabilities"),
                                "model_info": row.hardware.get("model_info"), "metrics": row.metrics})
@@ -504,6 +516,7 @@ class Coordinator:
     def _tell(self, number: int, result: dict[str, Any]) -> None:
         if number in self._finished:
             return  # a duplicate (redelivered) result: the first one counts
+        result = self._calibrated(result)
         metrics = result.get("metrics", {})
         values = self._objective_values(metrics) if result["state"] == "complete" else None
         if result["state"] == "complete" and values is None:
@@ -522,8 +535,6 @@ class Coordinator:
         self._tell_study(live or self._trial_handle(number), row, update)  # the row is written with the tell
         self._finished.add(number)
         self._failed += values is None
-        if values is not None:
-            self._note_reference(metrics, result.get("worker"))
         if feasible and values is not None:
             self._update_front(number, values)
             row.on_front = number in self._front
@@ -542,9 +553,13 @@ class Coordinator:
                          **{k: row.metrics[k] for k in ("speedup", "model_size_mb") if k in row.metrics})
         else:
             shown["failure_reason"] = str(row.failure_reason)[:1000]
-        study_storage(self.study).stage(trial._trial_id, statements=statements, system=system,
-                                        user={"optagent": shown})
+        storage = study_storage(self.study)
+        storage.stage(trial._trial_id, statements=statements, system=system, user={"optagent": shown})
         tell(self.study, trial, row.values)
+        if storage.unstage(trial._trial_id) and statements:  # Optuna had it finished already: store it alone
+            with self.engine.begin() as conn:
+                for statement in statements:
+                    conn.execute(statement)
 
     def _trial_handle(self, number: int) -> optuna.trial.Trial:
         """A handle on a RUNNING trial asked by an earlier coordinator (resume). Optuna has no public
@@ -665,6 +680,9 @@ class Coordinator:
                         trial = self._live.pop(row.number, None) or self._trial_handle(row.number)
                         self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             s.commit()
+        for trial in self._live.values():  # asked, but the send failed before it had a row
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        self._live.clear()
 
     def _confirm(self) -> None:
         """Re-measure the Pareto trials interleaved with the baseline in one process (optagent.confirm):
@@ -695,9 +713,13 @@ class Coordinator:
                 if "error" in conf:
                     row.notes = [*row.notes, f"confirmation failed: {conf['error']}"]
                 else:
+                    worker = result.get("worker") or {}
+                    ref = self._references.get(reference_key(str(worker.get("host", "")), worker.get("gpu"),
+                                                             int(conf.get("batch_size") or 0)))
+                    latency = ref / conf["speedup"] if ref and conf["speedup"] > 0 else conf["latency_ms"]
                     row.metrics = {**row.metrics, "confirmed_speedup": conf["speedup"],
                                    "confirmed_speedup_low": conf["low"], "confirmed_speedup_high": conf["high"],
-                                   "confirmed_latency_ms": conf["latency_ms"], "tie_group": conf["tie_group"]}
+                                   "confirmed_latency_ms": latency, "tie_group": conf["tie_group"]}
                     row.notes = [*row.notes, f"confirmed vs baseline: {conf['vs_baseline']}"]
                 s.add(row)
             s.commit()

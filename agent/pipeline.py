@@ -168,7 +168,7 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
          hardware: dict[str, Any]) -> dict[str, Any]:
     import math
 
-    from optagent.measure import reference_key, speedup_band
+    from optagent.measure import speedup_band
 
     built = build(payload, worker["host"])
     hardware.update(built.hardware)
@@ -181,23 +181,16 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
 
     bs = ctx.infer_batch_size
     batch = _batch(mf, bs, device)
-    reference = (payload.get("reference_ms") or {}).get(reference_key(worker["host"], worker.get("gpu"), bs))
     stats = time_models({"candidate": model, "baseline": baseline}, batch, payload, device, ctx.seed)
     cand, base = stats["candidate"], stats["baseline"]
     band = speedup_band(base.samples_ms, cand.samples_ms, seed=ctx.seed)
-    # With the job's reference for this worker and batch, the latencies are calibrated: the reference
-    # baseline latency over this trial's paired speedup. A slow phase or a slow process moves the candidate
-    # and its interleaved baseline alike, so the paired ratio survives it and the raw median does not.
-    latency = reference / band.ratio if reference and band.ratio > 0 else cand.median_ms
-    scale = reference / base.median_ms if reference else 1.0
     metrics.update(
-        latency_ms=latency,
-        latency_measured_ms=cand.median_ms,
-        latency_p90_ms=cand.p90_ms * scale,
-        latency_p99_ms=cand.p99_ms * scale,
+        latency_ms=cand.median_ms,
+        latency_p90_ms=cand.p90_ms,
+        latency_p99_ms=cand.p99_ms,
         latency_spread=cand.spread,
-        latency_per_sample_ms=latency / bs,
-        throughput=1000.0 * bs / latency,
+        latency_per_sample_ms=cand.median_ms / bs,
+        throughput=1000.0 * bs / cand.median_ms,
         baseline_latency_ms=base.median_ms,
         baseline_latency_spread=base.spread,
         speedup=band.ratio,  # median of per-round paired ratios: robust to the machine's slow phases
@@ -205,8 +198,6 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
         speedup_high=band.high,
         batch_size=float(bs),
     )
-    if reference:
-        metrics["baseline_drift"] = base.median_ms / reference - 1.0
     metrics.update({k: float(v) for k, v in ctx.extra_metrics.items()})
     for metric in built.registry.metrics.values():
         try:

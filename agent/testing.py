@@ -397,7 +397,8 @@ class MetricConformance:
 
     RESERVED: ClassVar[frozenset[str]] = frozenset({
         "latency_ms", "latency_p90_ms", "latency_p99_ms", "latency_spread", "latency_per_sample_ms",
-        "throughput", "baseline_latency_ms", "baseline_latency_spread", "speedup", "batch_size"})
+        "throughput", "baseline_latency_ms", "baseline_latency_spread", "speedup", "batch_size",
+        "latency_measured_ms", "latency_reference_ms", "baseline_drift"})
 
     @pytest.fixture
     def metric(self) -> Metric:

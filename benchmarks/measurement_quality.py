@@ -37,34 +37,28 @@ MODEL = ROOT / "examples" / "digits_cnn.py"
 WIDTHS = (8, 16, 24, 32, 48)
 
 
-def _trial_payload(threads: int, reference_ms: float | None, measure: dict[str, Any]) -> dict[str, Any]:
+def _trial_payload(threads: int, measure: dict[str, Any]) -> dict[str, Any]:
     from optagent.contract import sha256_bytes
-    from optagent.executors._base import worker_identity
-    from optagent.measure import reference_key
 
-    me = worker_identity()
     return {"trial": 0, "job": {"id": 0, "name": "measurement-quality"},
             "model": {"path": str(MODEL), "sha256": sha256_bytes(MODEL.read_bytes()), "source_b64": None},
             "params": {}, "strategies": [], "objectives": ["accuracy:max", "latency_ms:min"], "seed": 0,
-            "threads": threads, "device": "cpu", "measure": measure, "exclusive_measure": False,
-            "reference_ms": {reference_key(me["host"], me["gpu"], 32): reference_ms} if reference_ms else {}}
+            "threads": threads, "device": "cpu", "measure": measure, "exclusive_measure": False}
 
 
-def child_trial(threads: int, reference_ms: float | None, measure: dict[str, Any]) -> dict[str, Any]:
-    """One separate measurement: the baseline trial, as a search would run it."""
+def child_trial(threads: int, measure: dict[str, Any]) -> dict[str, Any]:
+    """One separate measurement: the baseline trial, as a search would run it (raw figures; the coordinator
+    calibrates them, see main)."""
     from optagent.pipeline import run_trial
 
-    result = run_trial(_trial_payload(threads, reference_ms, measure))
+    result = run_trial(_trial_payload(threads, measure))
     if result["state"] != "complete":
         raise SystemExit(f"trial failed: {result['failure_reason']}")
-    from optagent.measure import quiet_median, speedup_band
+    from optagent.measure import speedup_band
 
     m, samples = result["metrics"], result["samples"]
     band = speedup_band(samples["baseline_latency_ms"], samples["latency_ms"])
-    return {k: m[k] for k in ("latency_ms", "latency_measured_ms", "latency_spread", "baseline_latency_ms",
-                              "speedup")} | {
-        "reps": len(samples["latency_ms"]), "stable_ms": quiet_median(samples["latency_ms"]),
-        "paired_speedup": band.ratio, "paired_low": band.low, "paired_high": band.high}
+    return dict(m) | {"reps": len(samples["latency_ms"]), "paired_low": band.low, "paired_high": band.high}
 
 
 def child_ranking(threads: int, batch: int) -> dict[str, Any]:
@@ -96,10 +90,9 @@ def child_ranking(threads: int, batch: int) -> dict[str, Any]:
     return out
 
 
-def _child(mode: str, args: argparse.Namespace, env: dict[str, str], reference_ms: float | None = None
-           ) -> dict[str, Any]:
+def _child(mode: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", mode, "--threads", str(args.threads), "--batch", str(args.batch),
-           "--reference-ms", str(reference_ms or 0), "--measure", args.measure]
+           "--measure", args.measure]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode:
         raise SystemExit(f"child {mode} failed:\n{proc.stderr[-2000:]}")
@@ -127,10 +120,9 @@ def main() -> None:
     ap.add_argument("--child", choices=("trial", "ranking"), help=argparse.SUPPRESS)
     ap.add_argument("--measure", default="{}", help="measure settings of the trials, as JSON, e.g. "
                                                     "'{\"max_time_s\": 8}' (default: optagent's defaults)")
-    ap.add_argument("--reference-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "trial":
-        print(json.dumps(child_trial(args.threads, args.reference_ms or None, json.loads(args.measure))))
+        print(json.dumps(child_trial(args.threads, json.loads(args.measure))))
         return
     if args.child == "ranking":
         print(json.dumps(child_ranking(args.threads, args.batch)))
@@ -142,21 +134,24 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"# measurement quality: digits CNN, batch 32, {args.threads} threads, measure settings {args.measure}; "
           f"load average {load:.2f} on {os.cpu_count()} cores")
-    reference = _child("trial", args, env)["baseline_latency_ms"]  # the job's first trial sets the reference
+    from optagent.measure import calibrate
+
+    first = calibrate(_child("trial", args, env))  # the job's first trial: its own reference, as in a search
+    reference = first["latency_reference_ms"]
     runs = []
     for i in range(args.runs):
-        r = _child("trial", args, env, reference)
+        r = calibrate(_child("trial", args, env), reference)  # what the coordinator stores for each trial
         runs.append(r)
         print(f"  trial {i + 1:2d}: latency {r['latency_ms']:7.3f} ms, measured median {r['latency_measured_ms']:7.3f} "
               f"ms (spread {r['latency_spread']:.1%}, {r['reps']} reps)  baseline {r['baseline_latency_ms']:7.3f}  "
-              f"paired speedup {r['paired_speedup']:.3f} [{r['paired_low']:.3f}, {r['paired_high']:.3f}]")
+              f"paired speedup {r['speedup']:.3f} [{r['paired_low']:.3f}, {r['paired_high']:.3f}]")
     latency, measured = [r["latency_ms"] for r in runs], [r["latency_measured_ms"] for r in runs]
     print(f"(a) CV over {args.runs} separate trials of latency_ms (the job's reference {reference:.3f} ms / paired "
           f"speedup): {cv(latency):.2%}, target 3% ({'met' if cv(latency) <= 0.03 else 'missed'})")
     print(f"    CV of the raw measured median (latency_measured_ms), in the same trials: {cv(measured):.2%} "
           f"(range {min(measured):.3f}-{max(measured):.3f} ms)")
-    print(f"    identical models, speedup should be 1: paired ratio CV {cv([r['paired_speedup'] for r in runs]):.2%}"
-          f" (range {min(r['paired_speedup'] for r in runs):.3f}-{max(r['paired_speedup'] for r in runs):.3f}); "
+    print(f"    identical models, speedup should be 1: paired ratio CV {cv([r['speedup'] for r in runs]):.2%}"
+          f" (range {min(r['speedup'] for r in runs):.3f}-{max(r['speedup'] for r in runs):.3f}); "
           f"band contains 1 in {sum(r['paired_low'] <= 1 <= r['paired_high'] for r in runs)}/{len(runs)}")
 
     first, second = _child("ranking", args, env), _child("ranking", args, env)

@@ -71,6 +71,14 @@ def test_search_stores_every_trial_and_a_non_dominated_feasible_front(finished_j
                     "peak_memory_mb", "baseline_latency_ms"):
             assert key in t["metrics"], key
         assert t["hardware"]["threads"] == 1 and t["hardware"]["torch"]
+    # every trial is on the job's one latency scale: the baseline trial's interleaved baseline latency over
+    # the trial's paired speedup (two local workers on one host, one batch size: one reference)
+    reference = baseline["metrics"]["baseline_latency_ms"]
+    for t in trials:
+        m = t["metrics"]
+        assert m["latency_reference_ms"] == pytest.approx(reference)
+        assert m["latency_ms"] == pytest.approx(reference / m["speedup"]) and m["latency_measured_ms"] > 0
+        assert t["values"][1] == pytest.approx(m["latency_ms"])  # the objective is the calibrated latency
 
 
 def test_study_lives_in_the_same_database(finished_job: dict, workdir: Path) -> None:

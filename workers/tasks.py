@@ -61,9 +61,9 @@ class _Lease:
     dies). The heartbeat also ends the trial if its job is cancelled: killing this pool process is the only
     way to stop arbitrary model code; the redelivered message then finds the job cancelled and is dropped.
 
-    It is released by the task's `after_return`, i.e. once Celery has stored the result: a duplicate
-    delivery then finds the result, never a free lease with no result yet, and the release is off the
-    path between the trial's end and its published result."""
+    It is released on `task_postrun`, which Celery sends after it stored the result (or the failure) and
+    also when storing failed: a duplicate delivery then finds the result, never a free lease with no
+    result yet, and the release is off the path between the trial's end and its published result."""
 
     def __init__(self, redis: Any, k: dict[str, str], owner: str):
         self.redis, self.k, self.owner = redis, k, owner
@@ -77,7 +77,8 @@ class _Lease:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             with contextlib.suppress(Exception):  # a Redis blip must not kill the trial
-                self.redis.set(self.k["lease"], self.owner, ex=LEASE_TTL_S)
+                if not _script(self.redis, _REFRESH)(keys=[self.k["lease"]], args=[self.owner, LEASE_TTL_S]):
+                    log.warning("lost the lease of the running trial to another process")
                 if self.redis.exists(self.k["cancelled"]):
                     log.warning("job cancelled: stopping the trial by ending its process")
                     self.redis.decr(self.k["attempts"])  # a cancelled attempt is not a crash
@@ -94,13 +95,14 @@ class _Lease:
 _held: _Lease | None = None  # the lease of the trial this pool process is running (one at a time)
 
 
-class _TrialTask(Task):
-    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        """Runs after Celery stored the result (or the failure): now the lease can go."""
-        global _held
-        lease, _held = _held, None
-        if lease is not None:
-            lease.release()
+def _release_held(sender: Any = None, **_: Any) -> None:
+    """task_postrun: Celery has stored the result (or failed to): now the lease can go."""
+    global _held
+    if getattr(sender, "name", None) != TASK_NAME:
+        return
+    lease, _held = _held, None
+    if lease is not None:
+        lease.release()
 
 
 # One round trip for the common case of a first delivery: not cancelled, no stored result, lease free.
@@ -115,6 +117,11 @@ if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then
   return {'leased', n}
 end
 return {'busy'}
+"""
+# refresh the lease only if this process still holds it (KEYS: lease; ARGV: owner, ttl)
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2])) end
+return false
 """
 # release the lease only if this process still holds it (KEYS: lease; ARGV: owner)
 _RELEASE = """
@@ -172,8 +179,7 @@ def _acquire_lease(task: Task, redis: Any, k: dict[str, str], owner: str) -> dic
         time.sleep(HEARTBEAT_S / 2)
 
 
-@shared_task(name=TASK_NAME, bind=True, base=_TrialTask, acks_late=True, reject_on_worker_lost=True,
-             ignore_result=False)
+@shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=False)
 def run_trial(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Run one trial payload (plain JSON in, plain JSON out); see the module docstring for the guards."""
     task_id: str = self.request.id
@@ -214,7 +220,7 @@ def run_trial(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     global _held
     if _held is not None:  # pragma: no cover - an earlier task ended without after_return
         _held.release()
-    _held = _Lease(redis, k, owner).start()  # released by after_return, once the result is stored
+    _held = _Lease(redis, k, owner).start()  # released on task_postrun, once the result is stored
     try:
         result = run({**payload, "attempt": attempt})
     except SoftTimeLimitExceeded:  # raised outside the pipeline's own handler
@@ -236,6 +242,7 @@ def _redact_handlers(**_: Any) -> None:
                 handler.addFilter(filt)
 
 
+celery_signals.task_postrun.connect(_release_held, weak=False)
 celery_signals.after_setup_logger.connect(_redact_handlers, weak=False)
 celery_signals.after_setup_task_logger.connect(_redact_handlers, weak=False)
 

@@ -170,12 +170,15 @@ def cancel(job_ident: JobArg, db: DbOpt = None, broker: BrokerOpt = None) -> Non
             job.status = "cancelling"  # the coordinator sees this at its next heartbeat and stops
         else:
             job.status, job.error, job.finished_at = "cancelled", "cancelled by `optagent cancel`", utcnow()
-            in_flight = [t.number for t in job_trials(s, job.id or 0) if t.state in ("running", "queued")]
+            rows = job_trials(s, job.id or 0)
+            in_flight = [t.number for t in rows if t.state in ("running", "queued")]
+            # the coordinator sends a trial before writing its row, so the one after the last row may be out
+            in_flight.append(max((t.number for t in rows), default=0) + 1)
             for t in job_trials(s, job.id or 0):
                 if t.state in ("running", "queued"):
                     t.state = "cancelled"
                     s.add(t)
-            if job.config.get("executor") == "celery" and broker and in_flight:
+            if job.config.get("executor") == "celery" and broker:
                 from optagent.executors.celery import CeleryExecutor
 
                 CeleryExecutor(broker, queue=job.config.get("queue", "optagent"),
