@@ -62,15 +62,36 @@ def sha256_bytes(data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock between processes on this host."""
+def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """An advisory lock between processes on this host: exclusive, or shared with other shared holders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Local workers share the host's cores: a trial timing its model while another one trains would charge the
+# training's load (cores, caches, memory bandwidth) to the timing. So timing takes a host lock exclusively,
+# and trials take it shared around each unit of heavy compute (a training step, an evaluation, a stage).
+# A turnstile in front lets a waiting timer in: compute waits at it while a timer holds it, so steps
+# cannot starve the timer.
+@contextlib.contextmanager
+def measure_exclusively(path: Path) -> Iterator[None]:
+    """Hold the host's measure lock alone: no other trial computes or times meanwhile."""
+    with file_lock(path.with_suffix(".turnstile")), file_lock(path):
+        yield
+
+
+@contextlib.contextmanager
+def computing(path: Path) -> Iterator[None]:
+    """Hold the host's measure lock shared, for one unit of compute (waits while a trial times)."""
+    with file_lock(path.with_suffix(".turnstile"), shared=True):  # pass the turnstile: blocks while a timer waits
+        pass
+    with file_lock(path, shared=True):
+        yield
 
 
 def cached_weights(model: torch.nn.Module, train: Callable[[torch.nn.Module], None], source_file: str | Path,

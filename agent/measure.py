@@ -31,6 +31,9 @@ class MeasureSettings:
     min_time_s: float = 0.5  # keep timing at least this long per candidate...
     max_time_s: float = 4.0  # ...and stop by this, spread reached or not
     target_spread: float = 0.05  # stop once IQR/median falls below this (after min_time_s)
+    # untimed calls of the same callable right before each timed one: the timed call then runs on caches
+    # warmed by itself, as in serving, not on what the previous callable (a big baseline) left behind
+    warm_calls: int = 1
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> MeasureSettings:
         known = set(cls.__dataclass_fields__)
@@ -112,7 +115,9 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], settings: MeasureSetting
                 device: torch.device | None = None, seed: int = 0) -> dict[str, LatencyStats]:
     """Time several callables round-robin (in a shuffled order each round) until stable.
 
-    Each round times every callable once, so slow drifts of the machine hit all of them alike.
+    Each round times every callable once, so slow drifts of the machine hit all of them alike; each timed
+    call follows `warm_calls` untimed calls of the same callable, so a small model is not timed on caches
+    a big one just filled (that alone made an int8 CNN look 11% slower next to its fp32 baseline here).
     Stops when every callable has `min_reps` samples, `min_time_s` has passed and each spread is
     below `target_spread`, or when `max_time_s` / `max_reps` is reached.
     """
@@ -131,6 +136,8 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], settings: MeasureSetting
         while True:
             rng.shuffle(names)
             for name in names:
+                for _ in range(s.warm_calls):
+                    calls[name]()
                 samples[name].append(timer(calls[name]))
             reps = len(samples[names[0]])
             elapsed = time.perf_counter() - started

@@ -105,13 +105,14 @@ def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
     Deterministic under the payload's seed, so `optagent apply`, `profile` and the confirmation pass
     rebuild exactly the model a trial measured.
     """
+    import contextlib
     import socket
 
     import torch
 
     from optagent import hardware as hw
     from optagent.registry import build_registry
-    from optagent.strategy import Objective, SpaceContext, TrialContext
+    from optagent.strategy import Objective, SpaceContext, Stage, TrialContext
 
     threads = int(payload.get("threads") or 1)
     torch.set_num_threads(threads)
@@ -138,13 +139,19 @@ def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
                          default_batch_size=mf.default_batch_size)
     ctx = TrialContext(model_file=mf, baseline=baseline, device=device, capabilities=caps, params=params,
                        seed=seed, threads=threads)
+    if payload.get("exclusive_measure"):  # local workers share cores: compute yields to a trial that times
+        from optagent.contract import cache_dir, computing
+
+        ctx.compute = lambda: computing(cache_dir() / "measure.lock")
     chosen = [registry.strategies[name] for name in names]
     for strategy in chosen:
         strategy.configure(dict(params.get(strategy.name) or strategy.off_params(space)), ctx)
     for strategy in sorted(chosen, key=lambda s: s.stage):  # stable: same-stage strategies keep job order
         p = params.get(strategy.name)
         if p and not strategy.is_off(p, space):
-            model = strategy.apply(model, dict(p), ctx)
+            # a training stage takes the lock per step itself, so a trial waiting to time gets in between
+            with ctx.compute() if strategy.stage != Stage.FINETUNE else contextlib.nullcontext():
+                model = strategy.apply(model, dict(p), ctx)
     if isinstance(model, torch.nn.Module):
         model.eval()
     return Built(model, ctx, mf, registry, fingerprint)
@@ -154,11 +161,12 @@ def time_models(models: dict[str, Any], batch: Any, payload: dict[str, Any], dev
     """Interleaved timing of several models on one batch, under the host lock when asked for."""
     import contextlib
 
-    from optagent.contract import cache_dir, file_lock
+    from optagent.contract import cache_dir, measure_exclusively
     from optagent.measure import MeasureSettings, interleaved
 
     settings = MeasureSettings.from_json(payload.get("measure"))
-    lock = file_lock(cache_dir() / "measure.lock") if payload.get("exclusive_measure") else contextlib.nullcontext()
+    exclusive = payload.get("exclusive_measure")
+    lock = measure_exclusively(cache_dir() / "measure.lock") if exclusive else contextlib.nullcontext()
     calls = {name: (lambda m=m: m(batch)) for name, m in models.items()}
     with lock:
         return interleaved(calls, settings, device, seed)
@@ -175,9 +183,10 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
     model, ctx, mf = built.model, built.ctx, built.model_file
     baseline, device = ctx.baseline, ctx.device
 
-    metrics: dict[str, float] = dict(mf.evaluate(model))
-    if mf.data().test is not None:
-        metrics.update({f"test_{k}": v for k, v in mf.evaluate(model, "test").items()})
+    with ctx.compute():
+        metrics: dict[str, float] = dict(mf.evaluate(model))
+        if mf.data().test is not None:
+            metrics.update({f"test_{k}": v for k, v in mf.evaluate(model, "test").items()})
 
     bs = ctx.infer_batch_size
     batch = _batch(mf, bs, device)

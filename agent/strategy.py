@@ -10,9 +10,11 @@ Parameters are plain JSON values, so a trial's recipe can be stored, sent to a w
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -173,6 +175,9 @@ class TrialContext:
     notes: list[str] = field(default_factory=list)
     loss_fn: LossFn | None = None  # training loss (outputs, targets, inputs); None = model file's / CE
     extra_metrics: dict[str, float] = field(default_factory=dict)  # e.g. compile_time_s, stored with the trial
+    # wrap each unit of heavy compute (a training step) in `with trial.compute():` so that a trial timing
+    # on the same host does not share cores with it; the pipeline does so around other stages' `apply`
+    compute: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
     @property
     def train_batch_size(self) -> int:

@@ -124,20 +124,21 @@ def train(model: torch.nn.Module, trial: TrialContext, *, epochs: int, optimizer
         with torch.enable_grad():  # the pipeline may run under no_grad
             for _ in range(epochs):
                 for inputs, targets in loader:
-                    inputs, targets = to_device(inputs, device), to_device(targets, device)
-                    opt.zero_grad(set_to_none=True)
-                    outputs = model(inputs)
-                    loss = (loss_of(outputs, targets, inputs) if loss_of is not None
-                            else trial.model_file.loss(outputs, targets))
-                    if not torch.isfinite(loss):
-                        raise TrialFailed(f"finetune diverged (loss {loss.item()}) with {optimizer} lr={lr:.2g}; "
-                                          "the search will try other rates")
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    with torch.no_grad():
-                        for param, keep in masks:
-                            param.mul_(keep)
+                    with trial.compute():  # one step at a time: a trial timing on this host gets in between
+                        inputs, targets = to_device(inputs, device), to_device(targets, device)
+                        opt.zero_grad(set_to_none=True)
+                        outputs = model(inputs)
+                        loss = (loss_of(outputs, targets, inputs) if loss_of is not None
+                                else trial.model_file.loss(outputs, targets))
+                        if not torch.isfinite(loss):
+                            raise TrialFailed(f"finetune diverged (loss {loss.item()}) with {optimizer} "
+                                              f"lr={lr:.2g}; the search will try other rates")
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+                        with torch.no_grad():
+                            for param, keep in masks:
+                                param.mul_(keep)
     finally:
         model.eval()
     return model

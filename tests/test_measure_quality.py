@@ -91,3 +91,26 @@ def test_calibration_puts_a_trial_on_the_jobs_reference_scale() -> None:
     assert first["latency_reference_ms"] == 11.0 and first["latency_ms"] == pytest.approx(5.5)
     assert first["baseline_drift"] == 0.0
     assert calibrate({"accuracy": 0.5}, 10.0) == {"accuracy": 0.5}  # a failed or latency-less trial
+
+
+def test_compute_holds_off_while_a_trial_times(tmp_path) -> None:
+    """The host lock: a trial's compute step waits while another trial times, and goes on after."""
+    import threading
+
+    from optagent.contract import computing, measure_exclusively
+
+    lock = tmp_path / "measure.lock"
+    entered = threading.Event()
+
+    def step() -> None:
+        with computing(lock):
+            entered.set()
+
+    with measure_exclusively(lock):
+        worker = threading.Thread(target=step)
+        worker.start()
+        assert not entered.wait(0.3)  # held off while the timing runs
+    assert entered.wait(5)
+    worker.join()
+    with computing(lock), computing(lock):  # compute steps of several trials share the lock
+        pass
