@@ -114,3 +114,27 @@ def test_compute_holds_off_while_a_trial_times(tmp_path) -> None:
     worker.join()
     with computing(lock), computing(lock):  # compute steps of several trials share the lock
         pass
+
+
+def test_large_allocations_stay_on_the_heap_in_a_trial_process() -> None:
+    """glibc's mmap threshold is fixed high for trials (optagent.pipeline.steady_allocator), in a fresh process
+    so this test's own interpreter is untouched: a 32 MiB block then comes from the heap, not from mmap."""
+    import subprocess
+    import sys
+    import textwrap
+
+    probe = textwrap.dedent("""
+        import ctypes, sys
+        from optagent.pipeline import steady_allocator
+        if not steady_allocator():
+            print("no-glibc"); sys.exit(0)
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        block = libc.malloc(32 << 20)
+        heap = any("[heap]" in line and int(line.split("-")[0], 16) <= block < int(line.split()[0].split("-")[1], 16)
+                   for line in open("/proc/self/maps"))
+        print("heap" if heap else "mmap")
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("heap", "no-glibc")
