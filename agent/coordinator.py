@@ -336,10 +336,10 @@ class Coordinator:
         reference per worker and batch is the interleaved baseline latency of the first trial told there
         (the baseline trial's, at the default batch); it is stored with every trial (latency_reference_ms),
         so a resumed job keeps it."""
-        metrics, worker = result.get("metrics") or {}, result.get("worker") or {}
+        metrics = result.get("metrics") or {}
         if result.get("state") != "complete" or "batch_size" not in metrics:
             return result
-        key = reference_key(str(worker.get("host", "")), worker.get("gpu"), int(metrics["batch_size"]))
+        key = _reference_key(result.get("worker"), metrics["batch_size"])
         calibrated = calibrate(metrics, self._references.get(key))
         if "latency_reference_ms" in calibrated:
             self._references.setdefault(key, float(calibrated["latency_reference_ms"]))
@@ -348,8 +348,8 @@ class Coordinator:
     def _note_reference(self, metrics: dict[str, Any], worker: dict[str, Any] | None) -> None:
         """On resume: the reference a stored trial was calibrated by."""
         if worker and "latency_reference_ms" in metrics and "batch_size" in metrics:
-            key = reference_key(str(worker.get("host", "")), worker.get("gpu"), int(metrics["batch_size"]))
-            self._references.setdefault(key, float(metrics["latency_reference_ms"]))
+            self._references.setdefault(_reference_key(worker, metrics["batch_size"]),
+                                        float(metrics["latency_reference_ms"]))
 
     def _beat(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -713,9 +713,7 @@ class Coordinator:
                 if "error" in conf:
                     row.notes = [*row.notes, f"confirmation failed: {conf['error']}"]
                 else:
-                    worker = result.get("worker") or {}
-                    ref = self._references.get(reference_key(str(worker.get("host", "")), worker.get("gpu"),
-                                                             int(conf.get("batch_size") or 0)))
+                    ref = self._references.get(_reference_key(result.get("worker"), conf.get("batch_size") or 0))
                     latency = ref / conf["speedup"] if ref and conf["speedup"] > 0 else conf["latency_ms"]
                     row.metrics = {**row.metrics, "confirmed_speedup": conf["speedup"],
                                    "confirmed_speedup_low": conf["low"], "confirmed_speedup_high": conf["high"],
@@ -732,6 +730,12 @@ class Coordinator:
     def pareto_rows(self) -> list[Trial]:
         with Session(self.engine) as s:
             return [t for t in job_trials(s, self.job_id) if t.on_front]
+
+
+def _reference_key(worker: dict[str, Any] | None, batch: Any) -> str:
+    """The job's reference latency that applies to a result from `worker` at inference batch `batch`."""
+    worker = worker or {}
+    return reference_key(str(worker.get("host", "")), worker.get("gpu"), int(batch))
 
 
 def _short(value: Any) -> str:
