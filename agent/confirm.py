@@ -1,25 +1,48 @@
-"""The confirmation pass: re-measure a search's Pareto candidates together, in one process.
+"""The confirmation pass: re-measure a search's Pareto candidates together, in fresh processes.
 
 During a search each trial times itself against the baseline in its own process, at its own moment of
-machine load. When the search ends, the coordinator sends one payload with every Pareto candidate; this
-worker-side function rebuilds each one exactly (`pipeline.build` with the trial's own seed), times all of
-them and the baseline round-robin in the same process at their inference batch size, and returns each
-candidate's paired speedup with a bootstrap band. Candidates whose bands overlap share a tie group.
+machine load. When the search ends, the coordinator sends one payload with every Pareto candidate. This
+worker-side function runs it `processes` times, each time in a fresh Python process on this host, one
+after another: each process rebuilds every candidate exactly (`pipeline.build` with the trial's own seed)
+and times all of them and the baseline round-robin at their inference batch size (`confirm_in_process`).
+
+One process gives each candidate a paired speedup with a bootstrap band over its rounds, but that band
+cannot see what changes from one process to the next (memory layout, allocator and cache state), which
+on a CPU is often the larger part of the noise. So the processes are combined (`combine`): a candidate's
+confirmed speedup is the geometric mean of its per-process speedups; the spread between processes, pooled
+over the candidates (log scale), gives
+  - the noise band (`low`, `high`): where 95% of single measurements of that speedup in a fresh process
+    fall (a t prediction interval), the band a search-time speedup is checked against;
+  - the confidence band (`ci_low`, `ci_high`) of the confirmed speedup itself, from which candidates
+    whose difference is within the noise share a tie group.
 
 payload = the usual trial fields (model, strategies, objectives, threads, device, measure, job) plus
-    "kind": "confirm", "trial": -1,
+    "kind": "confirm", "trial": -1, "processes": int (default CONFIRM_PROCESSES),
     "candidates": {"<trial number>": {"params": {strategy: {param: value}}, "seed": int}}
+
+`python -m optagent.confirm PAYLOAD.json RESULT.json` is one such process.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 # Confirmation compares several candidates at once, so it takes more rounds than a single trial.
 CONFIRM_MIN_REPS = 60
 CONFIRMATION = 0.95
+# Fresh processes per confirmation: three give the process-to-process spread (pooled over candidates).
+CONFIRM_PROCESSES = 3
 
 
 def _reason(exc: BaseException) -> str:
@@ -29,7 +52,128 @@ def _reason(exc: BaseException) -> str:
 
 
 def confirm(payload: dict[str, Any], worker: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rebuild and time every candidate interleaved with the baseline; see the module docstring."""
+    """Run the confirmation in `processes` fresh processes, one after another, and combine them."""
+    from optagent.errors import TrialFailed
+
+    processes = int(payload.get("processes") or CONFIRM_PROCESSES)
+    if processes <= 1:
+        return confirm_in_process(payload, worker)
+    if not payload.get("candidates"):
+        raise TrialFailed("confirmation payload has no candidates")
+    started = time.perf_counter()
+    limit = payload.get("time_limit_s")
+    deadline = started + float(limit) if limit else None
+    runs: list[dict[str, Any]] = []
+    failures: list[str] = []
+    for index in range(processes):
+        try:
+            runs.append(_in_fresh_process(payload, deadline))
+        except TrialFailed as exc:
+            failures.append(f"process {index + 1}: {exc}")
+    if not runs:
+        raise TrialFailed("every confirmation process failed: " + "; ".join(failures))
+    result = combine(runs)
+    result["notes"] = [f"confirmation {f}" for f in failures]
+    result["duration_s"] = time.perf_counter() - started
+    result["worker"] = worker or {}
+    return result
+
+
+def _in_fresh_process(payload: dict[str, Any], deadline: float | None) -> dict[str, Any]:
+    """One confirmation in a new interpreter on this host (same environment, so the same GPU)."""
+    from optagent.errors import TrialFailed
+
+    timeout = None if deadline is None else max(1.0, deadline - time.perf_counter())
+    with tempfile.TemporaryDirectory(prefix="optagent-confirm-") as tmp:
+        src, out = Path(tmp) / "payload.json", Path(tmp) / "result.json"
+        src.write_text(json.dumps({**payload, "processes": 1}))
+        try:
+            proc = subprocess.run([sys.executable, "-m", "optagent.confirm", str(src), str(out)],
+                                  capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise TrialFailed(f"did not finish within its time limit ({timeout:.0f} s)") from None
+        if not out.exists():
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            raise TrialFailed(f"exited with code {proc.returncode}"
+                              + (f": {lines[-1].strip()}" if lines else ""))
+        result: dict[str, Any] = json.loads(out.read_text())
+    if result.get("state") != "complete":
+        raise TrialFailed(str(result.get("failure_reason")))
+    return result
+
+
+def _t_quantile(p: float, df: int) -> float:
+    from scipy.stats import t  # scikit-learn, a dependency, brings scipy
+
+    return float(t.ppf(p, df))
+
+
+def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION) -> dict[str, Any]:
+    """Combine single-process confirmations (`confirm_in_process` results) of the same candidates."""
+    from optagent.measure import MIN_EFFECT, Speedup, tie_groups
+
+    numbers = sorted({n for run in runs for n in run["confirmations"]}, key=int)
+    measured = {n: [run["confirmations"][n] for run in runs if "speedup" in run["confirmations"].get(n, {})]
+                for n in numbers}
+    logs = {n: [math.log(c["speedup"]) for c in cs if c["speedup"] > 0] for n, cs in measured.items()}
+    df = sum(len(ys) - 1 for ys in logs.values() if len(ys) > 1)
+    ss = sum(sum((y - statistics.fmean(ys)) ** 2 for y in ys) for ys in logs.values() if len(ys) > 1)
+    noise = math.sqrt(ss / df) if df else None
+    t = _t_quantile(1 - (1 - confidence) / 2, df) if df else None
+
+    confirmations: dict[str, dict[str, Any]] = {}
+    ci: dict[str, Speedup] = {}
+    for n in numbers:
+        cs, ys = measured[n], logs[n]
+        if not ys:
+            errors = [run["confirmations"][n]["error"] for run in runs if "error" in run["confirmations"].get(n, {})]
+            confirmations[n] = {"error": errors[0] if errors else "not measured"}
+            continue
+        centre, k = statistics.fmean(ys), len(ys)
+        point = math.exp(centre)
+        rounds = sum(c["rounds"] for c in cs)
+        if noise is None or t is None or k < 2:  # one process: only the within-process band is known
+            low, high = statistics.median(c["low"] for c in cs), statistics.median(c["high"] for c in cs)
+            ci[n] = Speedup(point, low, high, rounds)
+        else:
+            reach, mean_reach = t * noise * math.sqrt(1 + 1 / k), t * noise / math.sqrt(k)
+            low = min(math.exp(centre - reach), statistics.median(c["low"] for c in cs))
+            high = max(math.exp(centre + reach), statistics.median(c["high"] for c in cs))
+            ci[n] = Speedup(point, math.exp(centre - mean_reach), math.exp(centre + mean_reach), rounds)
+        confirmations[n] = {
+            "speedup": point, "low": min(low, point), "high": max(high, point),
+            "ci_low": min(ci[n].low, point), "ci_high": max(ci[n].high, point),
+            "runs": [c["speedup"] for c in cs], "processes": k, "rounds": rounds, "noise": noise,
+            "latency_ms": statistics.median(c["latency_ms"] for c in cs),
+            "latency_spread": statistics.median(c["latency_spread"] for c in cs),
+            "baseline_latency_ms": statistics.median(c["baseline_latency_ms"] for c in cs),
+            "baseline_latency_spread": statistics.median(c["baseline_latency_spread"] for c in cs),
+            "batch_size": cs[0]["batch_size"], "vs_baseline": ci[n].verdict(MIN_EFFECT),
+        }
+    def differ(leader: str, other: str) -> bool:
+        """The leader is faster beyond the noise: the ratio between the two, taken within each process
+        (where a process's own layout and cache state affects both alike), has a confidence band wholly
+        above 1 + MIN_EFFECT. With fewer than two processes the bands decide."""
+        d = [math.log(a["speedup"] / b["speedup"]) for a, b in
+             ((run["confirmations"].get(leader, {}), run["confirmations"].get(other, {})) for run in runs)
+             if a.get("speedup", 0) > 0 and b.get("speedup", 0) > 0]
+        if len(d) < 2:
+            return not ci[leader].overlaps(ci[other], MIN_EFFECT)
+        reach = _t_quantile(1 - (1 - confidence) / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+        return statistics.fmean(d) - reach > math.log1p(MIN_EFFECT)
+
+    for n, group_no in tie_groups(ci, MIN_EFFECT, differ).items():
+        confirmations[n]["tie_group"] = group_no
+    return {
+        "trial": -1, "kind": "confirm", "state": "complete", "confirmations": confirmations,
+        "samples": [run["samples"] for run in runs], "confidence": confidence, "processes": len(runs),
+        "noise": noise, "hardware": runs[0].get("hardware", {}), "failure_reason": None, "notes": [],
+        "duration_s": sum(run.get("duration_s", 0.0) for run in runs), "worker": runs[0].get("worker", {}),
+    }
+
+
+def confirm_in_process(payload: dict[str, Any], worker: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rebuild and time every candidate interleaved with the baseline in this process."""
     from optagent.errors import TrialFailed, UserError
     from optagent.measure import MIN_EFFECT, MeasureSettings, speedup_band, tie_groups
     from optagent.pipeline import _batch, build, time_models
@@ -90,3 +234,33 @@ def confirm(payload: dict[str, Any], worker: dict[str, Any] | None = None) -> di
         "failure_reason": None, "notes": [], "duration_s": time.perf_counter() - started,
         "worker": worker or {},
     }
+
+
+def _exit_with_parent() -> None:
+    """A confirmation process outlives no parent (a killed worker must not leave it timing alone)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="optagent-parent-watch").start()
+
+
+def main(argv: list[str]) -> int:
+    """`python -m optagent.confirm PAYLOAD.json RESULT.json`: one confirmation process."""
+    from optagent.pipeline import run_trial
+
+    if len(argv) != 2:
+        print("usage: python -m optagent.confirm PAYLOAD.json RESULT.json", file=sys.stderr)
+        return 2
+    _exit_with_parent()
+    payload = json.loads(Path(argv[0]).read_text())
+    result = run_trial({**payload, "processes": 1})
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

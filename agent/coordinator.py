@@ -62,6 +62,7 @@ class JobConfig:
     queue: str = "optagent"
     max_attempts: int = 3
     confirm: bool = True  # re-measure the Pareto trials interleaved with the baseline when the search ends
+    confirm_processes: int = 3  # fresh processes the confirmation runs in (their spread is the noise band)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -685,17 +686,18 @@ class Coordinator:
         self._live.clear()
 
     def _confirm(self) -> None:
-        """Re-measure the Pareto trials interleaved with the baseline in one process (optagent.confirm):
+        """Re-measure the Pareto trials interleaved with the baseline in fresh processes (optagent.confirm):
         the speedups shown at the end are those ratios with their noise band, and ties are called ties."""
         candidates = {n: row for n, row in ((n, self._row(n)) for n in sorted(self._front) if n > 0) if row}
         if not candidates:
             return
-        payload = {**self._payload(-1, {}), "kind": "confirm", "seed": self.cfg.seed,
+        processes = max(1, self.cfg.confirm_processes)
+        payload = {**self._payload(-1, {}), "kind": "confirm", "seed": self.cfg.seed, "processes": processes,
                    "candidates": {str(n): {"params": row.params, "seed": self.cfg.seed + n}
                                   for n, row in candidates.items()}}
         if self.cfg.trial_timeout_s:
-            payload["time_limit_s"] = self.cfg.trial_timeout_s * (len(candidates) + 1)
-        self._emit("confirm_started", trials=sorted(candidates))
+            payload["time_limit_s"] = self.cfg.trial_timeout_s * (len(candidates) + 1) * processes
+        self._emit("confirm_started", trials=sorted(candidates), processes=processes)
         self.executor.submit(-1, payload)
         result = None
         while result is None:
@@ -715,13 +717,12 @@ class Coordinator:
                 else:
                     ref = self._references.get(_reference_key(result.get("worker"), conf.get("batch_size") or 0))
                     latency = ref / conf["speedup"] if ref and conf["speedup"] > 0 else conf["latency_ms"]
-                    row.metrics = {**row.metrics, "confirmed_speedup": conf["speedup"],
-                                   "confirmed_speedup_low": conf["low"], "confirmed_speedup_high": conf["high"],
-                                   "confirmed_latency_ms": latency, "tie_group": conf["tie_group"]}
+                    row.metrics = {**row.metrics, **confirmed_metrics(conf), "confirmed_latency_ms": latency}
                     row.notes = [*row.notes, f"confirmed vs baseline: {conf['vs_baseline']}"]
                 s.add(row)
             s.commit()
-        self._emit("confirmed", ok=True, confirmations=result.get("confirmations", {}))
+        self._emit("confirmed", ok=True, confirmations=result.get("confirmations", {}),
+                   notes=result.get("notes", []))
 
     def _row(self, number: int) -> Trial | None:
         with Session(self.engine) as s:
@@ -730,6 +731,18 @@ class Coordinator:
     def pareto_rows(self) -> list[Trial]:
         with Session(self.engine) as s:
             return [t for t in job_trials(s, self.job_id) if t.on_front]
+
+
+def confirmed_metrics(conf: dict[str, Any]) -> dict[str, Any]:
+    """A trial's metrics from its entry in a confirmation result (optagent.confirm)."""
+    out = {"confirmed_speedup": conf["speedup"], "confirmed_speedup_low": conf["low"],
+           "confirmed_speedup_high": conf["high"], "tie_group": conf["tie_group"]}
+    if "ci_low" in conf:
+        out.update(confirmed_speedup_ci_low=conf["ci_low"], confirmed_speedup_ci_high=conf["ci_high"],
+                   confirmed_speedup_runs=conf["runs"], confirmed_processes=conf["processes"])
+    if conf.get("noise") is not None:
+        out["confirmed_noise"] = conf["noise"]
+    return out
 
 
 def _reference_key(worker: dict[str, Any] | None, batch: Any) -> str:

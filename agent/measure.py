@@ -255,19 +255,23 @@ def speedup_band(reference: Sequence[float], candidate: Sequence[float], confide
     return Speedup(point, float(min(low, point)), float(max(high, point)), n)
 
 
-# Differences below this are not shown as wins: a band from one process cannot see process-to-process
-# effects (memory layout, allocator state), which on this kind of machine are about 1-2%.
+# Differences below this are not shown as wins, however narrow the bands: process-to-process effects
+# (memory layout, allocator state) are about 1-2% on a CPU, and a band from few processes can miss them.
 MIN_EFFECT = 0.02
 
 
-def tie_groups(bands: Mapping[str, Speedup], margin: float = MIN_EFFECT) -> dict[str, int]:
-    """Rank by speedup into groups, 1 = fastest: a candidate whose band overlaps the band of the group's
-    leader (each widened by `margin`) shares its group (a tie within the noise); else it starts the next."""
+def tie_groups(bands: Mapping[str, Speedup], margin: float = MIN_EFFECT,
+               differ: Callable[[str, str], bool] | None = None) -> dict[str, int]:
+    """Rank by speedup into groups, 1 = fastest: a candidate that does not differ from the group's leader
+    (a tie within the noise) shares its group; else it starts the next. By default two candidates differ
+    when their bands do not overlap once each is widened by `margin`; `differ(leader, candidate)` can
+    decide instead (the confirmation pass compares them process by process)."""
+    differ = differ or (lambda a, b: not bands[a].overlaps(bands[b], margin))
     order = sorted(bands, key=lambda k: -bands[k].ratio if math.isfinite(bands[k].ratio) else math.inf)
     groups: dict[str, int] = {}
     group, leader = 1, None
     for name in order:
-        if leader is not None and not bands[leader].overlaps(bands[name], margin):
+        if leader is not None and differ(leader, name):
             group, leader = group + 1, None
         if leader is None:
             leader = name

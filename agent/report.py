@@ -74,13 +74,16 @@ def hypervolume_history(job: Job, trials: list[Trial]) -> tuple[list[int], list[
             value -= float(drop)
         ref.append(value / k)
     signs = [s for _, s in objectives]
-    numbers, volumes, points = [], [], []
+    numbers: list[int] = []
+    volumes: list[float] = []
+    points: list[list[float]] = []
     for t in sorted(trials, key=lambda t: t.number):
         if t.state == "complete" and t.feasible and all(n in t.metrics for n, _ in objectives):
             points.append([float(t.metrics[n]) / k for (n, _), k in zip(objectives, scale, strict=True)])
         if t.state in ("complete", "failed"):
             numbers.append(t.number)
-            volumes.append(hypervolume(points, ref, signs))
+            # a point never takes volume away; max() keeps float rounding (order of the sums) from doing so
+            volumes.append(max(hypervolume(points, ref, signs), volumes[-1] if volumes else 0.0))
     return numbers, volumes, ref
 
 

@@ -58,10 +58,12 @@ def test_search_stores_every_trial_and_a_non_dominated_feasible_front(finished_j
         assert t["feasible"]
         assert t["metrics"]["accuracy"] >= baseline["metrics"]["accuracy"] - 0.01
         assert not any(dominates(o["values"], t["values"], signs) for o in trials if o["feasible"] and o is not t)
-    for t in front:  # the confirmation pass re-measured every Pareto trial against the baseline
+    for t in front:  # the confirmation pass re-measured every Pareto trial against the baseline, 3 times
         if t["number"] > 0:
             m = t["metrics"]
-            assert m["confirmed_speedup_low"] <= m["confirmed_speedup"] <= m["confirmed_speedup_high"]
+            assert m["confirmed_speedup_low"] <= m["confirmed_speedup_ci_low"] <= m["confirmed_speedup"]
+            assert m["confirmed_speedup"] <= m["confirmed_speedup_ci_high"] <= m["confirmed_speedup_high"]
+            assert m["confirmed_processes"] == len(m["confirmed_speedup_runs"]) == 3
             assert m["tie_group"] >= 1
     for t in trials:  # every feasible trial not on the front is dominated by a front member
         if t["feasible"] and not t["on_front"]:
@@ -127,6 +129,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(workdir: Path) -> No
     (["search", "tiny_model.py", "--sampler", "grid"], "--sampler 'grid' is unknown"),
     (["search", "tiny_model.py", "--max-accuracy-drop", "5"], "fraction between 0 and 1"),
     (["search", "tiny_model.py", "--db", "nodb"], "is not a URL"),
+    (["search", "tiny_model.py", "--confirm-processes", "0"], "--confirm-processes must be at least 1"),
     (["status", "no-such-job"], "no job 'no-such-job'"),
     (["pareto", "12345"], "no job '12345'"),
 ])

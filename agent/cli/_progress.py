@@ -94,14 +94,17 @@ class LineProgress:
             return (f"{head} accuracy {fmt(m.get('accuracy'))} latency {fmt(m.get('latency_ms'))} ms "
                     f"speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}")
         if kind == "confirm_started":
+            runs = data.get("processes", 1)
+            where = "in one process" if runs == 1 else f"in {runs} fresh processes, one after another"
             return (f"[{elapsed:6.0f}s] confirming: re-measuring Pareto trials {data['trials']} interleaved with "
-                    "the baseline in one process...")
+                    f"the baseline {where}...")
         if kind == "confirmed":
             if not data.get("ok"):
                 return f"[{elapsed:6.0f}s] confirmation failed: {data.get('reason')}"
             parts = [f"trial {n} {c['speedup']:.2f}x ({c['low']:.2f}-{c['high']:.2f}) rank {c['tie_group']}"
                      for n, c in data.get("confirmations", {}).items() if "speedup" in c]
-            return f"[{elapsed:6.0f}s] confirmed: " + "; ".join(parts)
+            notes = "".join(f" ({n})" for n in data.get("notes", []))
+            return f"[{elapsed:6.0f}s] confirmed: " + "; ".join(parts) + notes
         if kind == "job_finished":
             job = data["job"]
             return (f"[{elapsed:6.0f}s] job {job['name']} {job['status']}; "

@@ -74,7 +74,7 @@ def print_pareto(job: Job, trials: list[Trial]) -> None:
         table.add_column(name, justify="right")
     table.add_column(f"Δ{metric}", justify="right")
     table.add_column("speedup", justify="right")
-    table.add_column("confirmed (95% band)", justify="right")
+    table.add_column("confirmed (95% noise band)", justify="right")
     table.add_column("rank", justify="right")
     table.add_column("strategies")
     for r in rows:
@@ -88,9 +88,15 @@ def print_pareto(job: Job, trials: list[Trial]) -> None:
                       "-" if change is None else f"{change:+.4f}", f"{r['speedup']:.2f}×" if r["speedup"] else "-",
                       confirmed, str(m["tie_group"]) if "tie_group" in m else "-", r["recipe"] or "-")
     out.print(table)
-    if any("tie_group" in r["metrics"] for r in rows):
-        out.print("confirmed = re-measured after the search, all Pareto trials interleaved with the baseline in one "
-                  "process; equal rank = a tie within the noise")
+    checked = [r for r in rows if "confirmed_speedup" in r["metrics"]]
+    if checked:
+        runs = max(r["metrics"].get("confirmed_processes", 1) for r in checked)
+        where = "in one process" if runs == 1 else f"in each of {runs} fresh processes"
+        inside = sum(r["speedup"] is not None and r["metrics"]["confirmed_speedup_low"] <= r["speedup"]
+                     <= r["metrics"]["confirmed_speedup_high"] for r in checked)
+        out.print(f"confirmed = re-measured after the search, all Pareto trials interleaved with the baseline {where}; "
+                  "noise band = where 95% of single measurements fall; equal rank = a tie within the noise; "
+                  f"{inside} of {len(checked)} search-time speedups are inside their band")
     if base is not None:
         out.print(f"baseline (trial 0): {metric} {fmt(base.metrics.get(metric))}, latency "
                   f"{fmt(base.metrics.get('latency_ms'))} ms at batch {fmt(base.metrics.get('batch_size'))}, "

@@ -85,6 +85,8 @@ def search(
     queue: QueueOpt = "optagent",
     confirm: Annotated[bool, typer.Option(help="Re-measure the Pareto trials against the baseline at the end.")
                        ] = True,
+    confirm_processes: Annotated[int, typer.Option(
+        help="Fresh processes the confirmation re-measures in; their spread is the noise band.")] = 3,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -108,6 +110,8 @@ def search(
     if not 0 <= max_accuracy_drop <= 1:
         raise UserError(f"--max-accuracy-drop is a fraction between 0 and 1 (got {max_accuracy_drop}); "
                         "0.01 means one percentage point")
+    if confirm_processes < 1:
+        raise UserError(f"--confirm-processes must be at least 1 (got {confirm_processes})")
     if sampler not in ("tpe", "nsga2", "random"):
         raise UserError(f"--sampler {sampler!r} is unknown; use tpe, nsga2 or random")
     if device not in ("auto", "cpu", "cuda"):
@@ -127,7 +131,7 @@ def search(
                     constraint_metric=constraint_metric, sampler=sampler, seed=seed, workers=workers,
                     threads=threads or max(1, (os.cpu_count() or 1) // workers), device=device,
                     trial_timeout_s=trial_timeout, executor="celery" if broker else "local", queue=queue,
-                    confirm=confirm)
+                    confirm=confirm, confirm_processes=confirm_processes)
     job = create_job(engine, cfg, name, mf.sha256)
     if not (quiet or as_json):
         err.print(f"job {job.id} ({job.name}): {trials} trials, objectives {', '.join(objectives)}, "
