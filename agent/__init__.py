@@ -19,6 +19,7 @@ __all__ = [
     "Stage",
     "Strategy",
     "TrialContext",
+    "TrialFailed",
     "UserError",
     "__version__",
     "cached_weights",
@@ -42,12 +43,13 @@ _LAZY = {
     "integer": "optagent.strategy",
     "real": "optagent.strategy",
     "hookimpl": "optagent.hookspecs",
+    "TrialFailed": "optagent.errors",
     "UserError": "optagent.errors",
 }
 
 if TYPE_CHECKING:
     from optagent.contract import Data, cached_weights
-    from optagent.errors import UserError
+    from optagent.errors import TrialFailed, UserError
     from optagent.hookspecs import hookimpl
     from optagent.metrics import Metric
     from optagent.strategy import (

@@ -2,9 +2,10 @@
 
 During a search each trial times itself against the baseline in its own process, at its own moment of
 machine load. When the search ends, the coordinator sends one payload with every Pareto candidate. This
-worker-side function runs it `processes` times, each time in a fresh Python process on this host, one
-after another: each process rebuilds every candidate exactly (`pipeline.build` with the trial's own seed)
-and times all of them and the baseline round-robin at their inference batch size (`confirm_in_process`).
+worker-side function runs it `processes` times, each time in a fresh Python process on this host (one
+after another, or `parallel` at once under the local workers' host lock): each process rebuilds every
+candidate exactly (`pipeline.build` with the trial's own seed) and times all of them and the baseline
+round-robin at their inference batch size (`confirm_in_process`).
 
 One process gives each candidate a paired speedup with a bootstrap band over its rounds, but that band
 cannot see what changes from one process to the next (memory layout, allocator and cache state), which
@@ -17,7 +18,7 @@ over the candidates (log scale), gives
     whose difference is within the noise share a tie group.
 
 payload = the usual trial fields (model, strategies, objectives, threads, device, measure, job) plus
-    "kind": "confirm", "trial": -1, "processes": int (default CONFIRM_PROCESSES),
+    "kind": "confirm", "trial": -1, "processes": int (default CONFIRM_PROCESSES), "parallel": int,
     "candidates": {"<trial number>": {"params": {strategy: {param: value}}, "seed": int}}
 
 `python -m optagent.confirm PAYLOAD.json RESULT.json` is one such process.
@@ -52,7 +53,11 @@ def _reason(exc: BaseException) -> str:
 
 
 def confirm(payload: dict[str, Any], worker: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the confirmation in `processes` fresh processes, one after another, and combine them."""
+    """Run the confirmation in `processes` fresh processes and combine them.
+
+    The processes run one after another, or `parallel` at a time when the payload times under the
+    host lock (`exclusive_measure`: local workers), where one process's build waits while another times.
+    """
     from optagent.errors import TrialFailed
 
     processes = int(payload.get("processes") or CONFIRM_PROCESSES)
@@ -62,14 +67,11 @@ def confirm(payload: dict[str, Any], worker: dict[str, Any] | None = None) -> di
         raise TrialFailed("confirmation payload has no candidates")
     started = time.perf_counter()
     limit = payload.get("time_limit_s")
-    deadline = started + float(limit) if limit else None
-    runs: list[dict[str, Any]] = []
-    failures: list[str] = []
-    for index in range(processes):
-        try:
-            runs.append(_in_fresh_process(payload, deadline))
-        except TrialFailed as exc:
-            failures.append(f"process {index + 1}: {exc}")
+    parallel = max(1, int(payload.get("parallel") or 1)) if payload.get("exclusive_measure") else 1
+    outcomes = _in_fresh_processes(payload, processes, parallel,
+                                   started + float(limit) if limit else None)
+    runs = [o for o in outcomes if isinstance(o, dict)]
+    failures = [f"process {i + 1}: {o}" for i, o in enumerate(outcomes) if isinstance(o, str)]
     if not runs:
         raise TrialFailed("every confirmation process failed: " + "; ".join(failures))
     result = combine(runs)
@@ -79,26 +81,50 @@ def confirm(payload: dict[str, Any], worker: dict[str, Any] | None = None) -> di
     return result
 
 
-def _in_fresh_process(payload: dict[str, Any], deadline: float | None) -> dict[str, Any]:
-    """One confirmation in a new interpreter on this host (same environment, so the same GPU)."""
-    from optagent.errors import TrialFailed
-
-    timeout = None if deadline is None else max(1.0, deadline - time.perf_counter())
+def _in_fresh_processes(payload: dict[str, Any], processes: int, parallel: int,
+                        deadline: float | None) -> list[dict[str, Any] | str]:
+    """Each confirmation in a new interpreter on this host (same environment, so the same GPU), at most
+    `parallel` at once: per process, its result, or why it gave none."""
+    outcomes: dict[int, dict[str, Any] | str] = {}
     with tempfile.TemporaryDirectory(prefix="optagent-confirm-") as tmp:
-        src, out = Path(tmp) / "payload.json", Path(tmp) / "result.json"
+        src = Path(tmp) / "payload.json"
         src.write_text(json.dumps({**payload, "processes": 1}))
+        waiting = list(range(processes))
+        running: dict[int, subprocess.Popen[bytes]] = {}
         try:
-            proc = subprocess.run([sys.executable, "-m", "optagent.confirm", str(src), str(out)],
-                                  capture_output=True, text=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise TrialFailed(f"did not finish within its time limit ({timeout:.0f} s)") from None
-        if not out.exists():
-            lines = [line for line in proc.stderr.splitlines() if line.strip()]
-            raise TrialFailed(f"exited with code {proc.returncode}"
-                              + (f": {lines[-1].strip()}" if lines else ""))
-        result: dict[str, Any] = json.loads(out.read_text())
+            while waiting or running:
+                while waiting and len(running) < parallel:
+                    i = waiting.pop(0)
+                    log = (Path(tmp) / f"stderr-{i}").open("w")
+                    cmd = [sys.executable, "-m", "optagent.confirm", str(src), str(Path(tmp) / f"result-{i}.json")]
+                    running[i] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                  stderr=log)
+                    log.close()
+                for i, proc in list(running.items()):
+                    if proc.poll() is not None:
+                        outcomes[i] = _outcome(Path(tmp), i, proc.returncode)
+                        del running[i]
+                if deadline is not None and time.perf_counter() > deadline:
+                    for i in [*running, *waiting]:
+                        outcomes[i] = "did not finish within the confirmation's time limit"
+                    break
+                time.sleep(0.1)
+        finally:
+            for proc in running.values():  # a time limit, or this worker being stopped
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    return [outcomes[i] for i in range(processes)]
+
+
+def _outcome(tmp: Path, index: int, code: int) -> dict[str, Any] | str:
+    out = tmp / f"result-{index}.json"
+    if not out.exists():
+        lines = [line for line in (tmp / f"stderr-{index}").read_text().splitlines() if line.strip()]
+        return f"exited with code {code}" + (f": {lines[-1].strip()}" if lines else "")
+    result: dict[str, Any] = json.loads(out.read_text())
     if result.get("state") != "complete":
-        raise TrialFailed(str(result.get("failure_reason")))
+        return str(result.get("failure_reason"))
     return result
 
 

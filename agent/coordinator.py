@@ -693,6 +693,7 @@ class Coordinator:
             return
         processes = max(1, self.cfg.confirm_processes)
         payload = {**self._payload(-1, {}), "kind": "confirm", "seed": self.cfg.seed, "processes": processes,
+                   "parallel": self.cfg.workers if self.cfg.executor == "local" else 1,
                    "candidates": {str(n): {"params": row.params, "seed": self.cfg.seed + n}
                                   for n, row in candidates.items()}}
         if self.cfg.trial_timeout_s:

@@ -149,7 +149,7 @@ def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
     fingerprint = hw.fingerprint(threads, caps)
     device = torch.device(caps.device)
 
-    registry = build_registry()
+    registry = build_registry(log_warnings=False)  # the CLI or `optagent worker` has shown them
     params: dict[str, dict[str, Any]] = payload.get("params") or {}
     names = list(payload.get("strategies") or params)
     missing = [name for name in names if name not in registry.strategies]

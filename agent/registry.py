@@ -132,8 +132,8 @@ def _register_checked(pm: PluginManager, plugin: Any, name: str | None, source: 
 
 
 def _warn(warnings: list[str], message: str) -> None:
-    warnings.append(message)
-    log.warning(message)
+    if message not in warnings:
+        warnings.append(message)
 
 
 def _entry_point_text(ep: importlib.metadata.EntryPoint) -> str:
@@ -145,7 +145,7 @@ def get_plugin_manager(*, load_entry_points: bool = True, extra: list[Any] | Non
     """A fresh plugin manager with the built-ins, the allowed entry-point plugins and `extra` objects.
 
     A plugin that fails to import, implements a misspelled hook or forgets ``@hookimpl`` is skipped with a
-    one-line warning naming it (appended to `warnings` and to ``pm.load_warnings``, and logged); it never
+    one-line warning naming it (appended to `warnings` and to ``pm.load_warnings``; `build_registry` logs it); it never
     stops the CLI or a worker. A built-in plugin with such a problem is a bug and raises.
     """
     from optagent import __version__
@@ -183,10 +183,13 @@ def get_plugin_manager(*, load_entry_points: bool = True, extra: list[Any] | Non
     return pm
 
 
-def build_registry(pm: pluggy.PluginManager | None = None, warnings: list[str] | None = None) -> Registry:
+def build_registry(pm: pluggy.PluginManager | None = None, warnings: list[str] | None = None,
+                   log_warnings: bool = True) -> Registry:
     """Ask every plugin for its strategies and metrics; duplicate names are an error naming both.
 
     A plugin whose registration hook raises is skipped with a warning (the others still register).
+    The warnings are logged, one line each, unless `log_warnings` is false (trial processes: the CLI or
+    `optagent worker` that started them has said it once already); `Registry.warnings` always has them.
     """
     warnings = warnings if warnings is not None else []
     pm = pm or get_plugin_manager(warnings=warnings)
@@ -234,6 +237,9 @@ def build_registry(pm: pluggy.PluginManager | None = None, warnings: list[str] |
             except Exception as exc:
                 _warn(warnings, f"plugin {impl.plugin_name!r} failed in {hook.name} and was skipped: "
                                 f"{type(exc).__name__}: {exc}")
+    if log_warnings:
+        for message in warnings:
+            log.warning(message)
     return Registry(pm, strategies, metrics, plugins, warnings)
 
 

@@ -268,7 +268,8 @@ def shared_search(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     shutil.copy(Path(__file__).parent / "fixtures" / "tiny_model.py", root / "tiny_model.py")
     env = {**os.environ, "OPTAGENT_CACHE_DIR": str(root / "cache")}
     args = ["search", "tiny_model.py", "--trials", "4", "--workers", "2", "--max-accuracy-drop", "0",
-            "--strategies", "pruning,finetune,quantization,batch_size", "--name", "shared", "--db", url, "--quiet"]
+            "--strategies", "pruning,finetune,quantization,batch_size", "--name", "shared", "--db", url,
+            "--confirm-processes", "1", "--quiet"]
     proc = subprocess.run([sys.executable, "-m", "optagent.cli", *args], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -69,9 +69,11 @@ def test_no_candidates_is_a_failed_result() -> None:
 
 
 def test_fresh_processes_add_the_process_to_process_spread_to_the_band() -> None:
-    result = run_trial(_payload({"1": {"params": {}, "seed": 1},
-                                 "3": {"params": {"pruning": {"method": "structured", "amount": 0.7}}, "seed": 3}},
-                                processes=2))
+    payload = _payload({"1": {"params": {}, "seed": 1},
+                        "3": {"params": {"pruning": {"method": "structured", "amount": 0.7}}, "seed": 3}},
+                       processes=2)
+    payload.update(exclusive_measure=True, parallel=2)  # as local workers: both at once, timing under the lock
+    result = run_trial(payload)
     assert result["state"] == "complete", result.get("failure_reason")
     assert result["processes"] == 2 and len(result["samples"]) == 2
     assert result["worker"]["pid"] == os.getpid()  # the combined result is the calling worker's

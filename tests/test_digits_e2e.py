@@ -26,6 +26,7 @@ def test_digits_search_finds_a_faster_model_within_the_constraint(tmp_path: Path
     proc = subprocess.run(
         [sys.executable, "-m", "optagent.cli", "search", str(ROOT / "examples" / "digits_cnn.py"), "--trials", "3",
          "--strategies", "quantization", "--sampler", "random", "--seed", str(seed), "--threads", "2",
+         "--confirm-processes", "1",
          "--db", f"sqlite:///{tmp_path / 'digits.db'}", "--json"],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr

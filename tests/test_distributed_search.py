@@ -63,21 +63,24 @@ def setup(worker_pool: Any, postgres_url: str, tmp_path: Path) -> tuple[Any, dic
     return worker_pool, env, model
 
 
-def search_args(model: Path, pool: Any, db: str, name: str, trials: int) -> list[str]:
+def search_args(model: Path, pool: Any, db: str, name: str, trials: int, confirm_processes: int = 1) -> list[str]:
     return ["search", str(model), "--broker", pool.broker, "--queue", pool.queue, "--db", db, "--name", name,
             "--trials", str(trials), "--strategies", "pruning,quantization", "--sampler", "random", "--seed", "1",
-            "--threads", "1", "--quiet"]
+            "--threads", "1", "--confirm-processes", str(confirm_processes), "--quiet"]
 
 
 def test_distributed_search_on_two_workers(setup: tuple[Any, dict[str, str], Path], postgres_url: str) -> None:
     pool, env, model = setup
     name = f"dist-{uuid.uuid4().hex[:6]}"
-    proc = cli(*search_args(model, pool, postgres_url, name, 6), env=env)
+    proc = cli(*search_args(model, pool, postgres_url, name, 6, confirm_processes=2), env=env)
     assert proc.returncode == 0, proc.stderr
     st = assert_exactly_once(name, postgres_url, env, 6)
     pids = {t["worker"]["pid"] for t in st["trials"]}
     assert len(pids) >= 2, "both workers ran trials"
     assert all(t["worker"]["host"] and t["hardware"]["threads"] == 1 for t in st["trials"])
+    # a worker's pool process ran the confirmation in two fresh processes of its own
+    confirmed = [t["metrics"] for t in st["trials"] if t["number"] > 0 and "confirmed_speedup" in t["metrics"]]
+    assert confirmed and all(len(m["confirmed_speedup_runs"]) == 2 for m in confirmed), st["trials"]
     assert pool.broker.split("@")[-1] not in proc.stderr or "***" not in pool.broker
 
 

@@ -92,6 +92,7 @@ def test_optagent_plugins_lists_the_installed_plugin_with_its_version_and_space(
 def distill_search(distill_installed: None, workdir: Path) -> dict[str, Any]:
     proc = run("search", "tiny_model.py", "--strategies", "pruning,finetune,distill", "--sampler", "random",
                "--seed", str(SEARCH_SEED), "--trials", str(SEARCH_TRIALS), "--workers", "2", "--name", "distill",
+               "--confirm-processes", "1",
                "--max-accuracy-drop", "1", "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
@@ -178,6 +179,11 @@ def test_broken_and_misspelled_plugins_are_one_line_warnings_and_the_cli_works(
     assert len(doc["warnings"]) == 2
     proc = run("plugins", cwd=workdir, env=env, timeout=120)  # the human table works too
     assert proc.returncode == 0 and "distill" in proc.stdout, proc.stderr
+    # a search says it once, not once per place that loads plugins (CLI, coordinator, trial processes)
+    proc = run("search", "tiny_model.py", "--trials", "1", "--strategies", "pruning", "--no-confirm", "--quiet",
+               "--name", "warned", "--db", f"sqlite:///{workdir / 'warned.db'}", cwd=workdir, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "'broken'" in line] == broken, proc.stderr
 
 
 # -- in-process checks of the registry's handling of plugin mistakes ----------------------------------------
@@ -219,3 +225,14 @@ def test_a_failing_lifecycle_hook_is_logged_and_does_not_stop_the_caller(caplog:
         pm.hook.optagent_trial_finished(job={"id": 1}, trial={"number": 3})
     assert "failed in optagent_trial_finished: ConnectionError: tracker is down" in caplog.text
     assert __name__ in caplog.text  # names the plugin's module
+
+
+def test_every_public_name_resolves_from_the_top_level_package() -> None:
+    import optagent
+    from optagent.errors import TrialFailed
+
+    for name in optagent.__all__:
+        assert getattr(optagent, name) is not None, name
+    assert optagent.TrialFailed is TrialFailed  # plugins raise it for a point that cannot work
+    with pytest.raises(AttributeError):
+        optagent.NoSuchName  # noqa: B018

@@ -78,7 +78,7 @@ def test_profile_a_model_file_as_json(workdir: Path) -> None:
 def test_profile_a_stored_trial_and_bad_input(workdir: Path) -> None:
     db = f"sqlite:///{workdir / 'p.db'}"
     proc = cli("search", "tiny_model.py", "--trials", "1", "--threads", "1", "--strategies", "pruning",
-               "--name", "prof", "--db", db, "--quiet", cwd=workdir)
+               "--name", "prof", "--db", db, "--no-confirm", "--quiet", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     proc = cli("profile", "prof", "--trial", "0", "--db", db, "--reps", "3", cwd=workdir)
     assert proc.returncode == 0, proc.stderr

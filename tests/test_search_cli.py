@@ -111,7 +111,8 @@ def test_read_commands_have_json_and_tables(finished_job: dict, workdir: Path) -
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(workdir: Path) -> None:
     proc = run("search", "broken_quant_model.py", "--trials", "6", "--strategies", "quantization,pruning",
-               "--sampler", "random", "--seed", "3", "--name", "broken", "--json", cwd=workdir)
+               "--sampler", "random", "--seed", "3", "--name", "broken", "--confirm-processes", "1", "--json",
+               cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     trials = json.loads(proc.stdout)["trials"]
     assert len(trials) == 7
@@ -172,8 +173,8 @@ def test_a_trial_that_kills_or_hangs_its_process_fails_alone(workdir: Path) -> N
 
     seed = seed_where(["pruning", "quantization"], 6, wanted)
     proc = run("search", "crashy_model.py", "--trials", "6", "--workers", "2", "--strategies", "pruning,quantization",
-               "--sampler", "random", "--seed", str(seed), "--trial-timeout", "10", "--name", "crashy", "--json",
-               cwd=workdir)
+               "--sampler", "random", "--seed", str(seed), "--trial-timeout", "10", "--name", "crashy",
+               "--confirm-processes", "1", "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     trials = json.loads(proc.stdout)["trials"]
     assert len(trials) == 7 and trials[0]["state"] == "complete"

@@ -28,15 +28,14 @@ def _executor(cfg: Any, broker: str | None, job_key: str) -> Any:
     return LocalExecutor(workers=cfg.workers, time_limit_s=cfg.trial_timeout_s)
 
 
-def _run(engine: Any, url: str, job_id: int, broker: str | None, quiet: bool, as_json: bool) -> None:
+def _run(engine: Any, url: str, job_id: int, broker: str | None, quiet: bool, as_json: bool,
+         registry: Any = None) -> None:
     from optagent.cli._read import print_pareto
     from optagent.coordinator import Coordinator, JobConfig, trial_dict
     from optagent.registry import build_registry
     from optagent.storage import Job, job_trials
 
-    registry = build_registry()
-    for warning in registry.warnings:
-        err.print(f"warning: {warning}")
+    registry = registry or build_registry()  # its load warnings went to stderr through logging, once
     with Session(engine) as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -138,7 +137,7 @@ def search(
                   f"strategies {', '.join(names)}, {'celery' if broker else f'{workers} local worker(s)'}, "
                   f"{cfg.threads} thread(s) per trial; database {engine.url.render_as_string(hide_password=True)}")
     assert job.id is not None
-    _run(engine, url, job.id, broker, quiet, as_json)
+    _run(engine, url, job.id, broker, quiet, as_json, registry)
 
 
 def resume(job_ident: JobArg, db: DbOpt = None, broker: BrokerOpt = None,

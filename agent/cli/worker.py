@@ -103,6 +103,10 @@ def worker(
         children.append((base, _command(",".join(queues), concurrency, base, loglevel, max_tasks), env))
     where = f"GPUs {','.join(pinned)}" if pinned else f"{concurrency} CPU process(es)"
     print(f"optagent worker: broker {redact_url(broker)}, queue {','.join(queues)}, {where}", file=sys.stderr)
+    from optagent.registry import build_registry
+
+    registry = build_registry()  # plugin load warnings are logged here, once, not in every trial
+    print(f"optagent worker: strategies {', '.join(registry.strategies) or '(none)'}", file=sys.stderr)
     if not secret_from_env():
         print("optagent worker: OPTAGENT_SECRET is not set, so payloads are not authenticated; set the same "
               "secret on the coordinator and every worker", file=sys.stderr)
