@@ -74,7 +74,9 @@ def confirm(payload: dict[str, Any], worker: dict[str, Any] | None = None) -> di
     failures = [f"process {i + 1}: {o}" for i, o in enumerate(outcomes) if isinstance(o, str)]
     if not runs:
         raise TrialFailed("every confirmation process failed: " + "; ".join(failures))
-    result = combine(runs)
+    searched = {str(n): (float(c["speedup_low"]), float(c["speedup_high"]))
+                for n, c in payload["candidates"].items() if c.get("speedup_low") and c.get("speedup_high")}
+    result = combine(runs, searched=searched)
     result["notes"] = [f"confirmation {f}" for f in failures]
     result["duration_s"] = time.perf_counter() - started
     result["worker"] = worker or {}
@@ -128,14 +130,49 @@ def _outcome(tmp: Path, index: int, code: int) -> dict[str, Any] | str:
     return result
 
 
+PHASE_BLOCKS = 4  # consecutive blocks of rounds per process, to see how the ratio moves over time
+MIN_BLOCK_ROUNDS = 10
+
+
+def _phase_noise(reference: list[float] | tuple[float, ...],
+                 candidate: list[float] | tuple[float, ...]) -> tuple[float, int]:
+    """How much the paired log ratio moves between stretches of time within one process, beyond what its
+    rounds' sampling noise explains: (variance, degrees of freedom).
+
+    A trial times its model in one stretch of a few seconds; a shared machine goes through phases (other
+    tenants' load) that slow an int8 model more than its fp32 baseline, so a trial's speedup depends on
+    the phase it met, more than the long, round-robin confirmation shows. The rounds are split into
+    consecutive blocks; the variance of the block medians less each block median's own sampling variance
+    (0.8 IQR / sqrt(n), the normal approximation) is that phase component.
+    """
+    from optagent.measure import paired_ratios
+
+    logs = [math.log(r) for r in paired_ratios(reference, candidate) if r > 0]
+    blocks = min(PHASE_BLOCKS, len(logs) // MIN_BLOCK_ROUNDS)
+    if blocks < 2:
+        return 0.0, 0
+    size = len(logs) // blocks
+    medians, sampling = [], []
+    for b in range(blocks):
+        chunk = sorted(logs[b * size:(b + 1) * size])
+        q1, q3 = chunk[len(chunk) // 4], chunk[(3 * len(chunk)) // 4]
+        medians.append(statistics.median(chunk))
+        sampling.append((0.8 * (q3 - q1) / math.sqrt(len(chunk))) ** 2)
+    return max(0.0, statistics.variance(medians) - statistics.fmean(sampling)), blocks - 1
+
+
 def _t_quantile(p: float, df: int) -> float:
     from scipy.stats import t  # scikit-learn, a dependency, brings scipy
 
     return float(t.ppf(p, df))
 
 
-def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION) -> dict[str, Any]:
-    """Combine single-process confirmations (`confirm_in_process` results) of the same candidates."""
+def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION,
+            searched: dict[str, tuple[float, float]] | None = None) -> dict[str, Any]:
+    """Combine single-process confirmations (`confirm_in_process` results) of the same candidates;
+    `searched` has each candidate's search-time speedup band (low, high), whose width is part of the
+    noise of that measurement."""
+    searched = searched or {}
     from optagent.measure import MIN_EFFECT, Speedup, tie_groups
 
     numbers = sorted({n for run in runs for n in run["confirmations"]}, key=int)
@@ -146,6 +183,9 @@ def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION) -> dic
     ss = sum(sum((y - statistics.fmean(ys)) ** 2 for y in ys) for ys in logs.values() if len(ys) > 1)
     noise = math.sqrt(ss / df) if df else None
     t = _t_quantile(1 - (1 - confidence) / 2, df) if df else None
+    phase_df = sum(c.get("phase_df", 0) for cs in measured.values() for c in cs)
+    phase_var = (sum(c.get("phase_var", 0.0) * c.get("phase_df", 0) for cs in measured.values() for c in cs)
+                 / phase_df if phase_df else 0.0)
 
     confirmations: dict[str, dict[str, Any]] = {}
     ci: dict[str, Speedup] = {}
@@ -162,7 +202,12 @@ def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION) -> dic
             low, high = statistics.median(c["low"] for c in cs), statistics.median(c["high"] for c in cs)
             ci[n] = Speedup(point, low, high, rounds)
         else:
-            reach, mean_reach = t * noise * math.sqrt(1 + 1 / k), t * noise / math.sqrt(k)
+            # a search-time speedup is one measurement in one process, at one moment, with its own rounds:
+            # process-to-process, phase and its own sampling noise (from its band), around this mean
+            own = searched.get(n)
+            own_var = ((math.log(own[1]) - math.log(own[0])) / (2 * 1.96)) ** 2 if own else 0.0
+            reach = t * math.sqrt(noise ** 2 * (1 + 1 / k) + phase_var + own_var)
+            mean_reach = t * noise / math.sqrt(k)
             low = min(math.exp(centre - reach), statistics.median(c["low"] for c in cs))
             high = max(math.exp(centre + reach), statistics.median(c["high"] for c in cs))
             ci[n] = Speedup(point, math.exp(centre - mean_reach), math.exp(centre + mean_reach), rounds)
@@ -170,12 +215,14 @@ def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION) -> dic
             "speedup": point, "low": min(low, point), "high": max(high, point),
             "ci_low": min(ci[n].low, point), "ci_high": max(ci[n].high, point),
             "runs": [c["speedup"] for c in cs], "processes": k, "rounds": rounds, "noise": noise,
+            "phase_noise": math.sqrt(phase_var),
             "latency_ms": statistics.median(c["latency_ms"] for c in cs),
             "latency_spread": statistics.median(c["latency_spread"] for c in cs),
             "baseline_latency_ms": statistics.median(c["baseline_latency_ms"] for c in cs),
             "baseline_latency_spread": statistics.median(c["baseline_latency_spread"] for c in cs),
             "batch_size": cs[0]["batch_size"], "vs_baseline": ci[n].verdict(MIN_EFFECT),
         }
+
     def differ(leader: str, other: str) -> bool:
         """The leader is faster beyond the noise: the ratio between the two, taken within each process
         (where a process's own layout and cache state affects both alike), has a confidence band wholly
@@ -193,7 +240,8 @@ def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION) -> dic
     return {
         "trial": -1, "kind": "confirm", "state": "complete", "confirmations": confirmations,
         "samples": [run["samples"] for run in runs], "confidence": confidence, "processes": len(runs),
-        "noise": noise, "hardware": runs[0].get("hardware", {}), "failure_reason": None, "notes": [],
+        "noise": noise, "phase_noise": math.sqrt(phase_var), "hardware": runs[0].get("hardware", {}),
+        "failure_reason": None, "notes": [],
         "duration_s": sum(run.get("duration_s", 0.0) for run in runs), "worker": runs[0].get("worker", {}),
     }
 
@@ -246,8 +294,10 @@ def confirm_in_process(payload: dict[str, Any], worker: dict[str, Any] | None = 
             band = speedup_band(base.samples_ms, stats[number].samples_ms, CONFIRMATION,
                                 seed=int(payload.get("seed", 0)))
             bands[number] = band
+            phase_var, phase_df = _phase_noise(base.samples_ms, stats[number].samples_ms)
             confirmations[number] = {
                 "speedup": band.ratio, "low": band.low, "high": band.high, "rounds": band.rounds,
+                "phase_var": phase_var, "phase_df": phase_df,
                 "latency_ms": stats[number].median_ms, "latency_spread": stats[number].spread,
                 "baseline_latency_ms": base.median_ms, "baseline_latency_spread": base.spread,
                 "batch_size": bs, "vs_baseline": band.verdict(MIN_EFFECT),

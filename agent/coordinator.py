@@ -694,7 +694,9 @@ class Coordinator:
         processes = max(1, self.cfg.confirm_processes)
         payload = {**self._payload(-1, {}), "kind": "confirm", "seed": self.cfg.seed, "processes": processes,
                    "parallel": self.cfg.workers if self.cfg.executor == "local" else 1,
-                   "candidates": {str(n): {"params": row.params, "seed": self.cfg.seed + n}
+                   "candidates": {str(n): {"params": row.params, "seed": self.cfg.seed + n,
+                                           "speedup_low": row.metrics.get("speedup_low"),
+                                           "speedup_high": row.metrics.get("speedup_high")}
                                   for n, row in candidates.items()}}
         if self.cfg.trial_timeout_s:
             payload["time_limit_s"] = self.cfg.trial_timeout_s * (len(candidates) + 1) * processes
@@ -743,6 +745,8 @@ def confirmed_metrics(conf: dict[str, Any]) -> dict[str, Any]:
                    confirmed_speedup_runs=conf["runs"], confirmed_processes=conf["processes"])
     if conf.get("noise") is not None:
         out["confirmed_noise"] = conf["noise"]
+    if conf.get("phase_noise") is not None:
+        out["confirmed_phase_noise"] = conf["phase_noise"]
     return out
 
 

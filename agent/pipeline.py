@@ -20,10 +20,13 @@ baseline at the trial's batch size -> plugin metrics. Any exception becomes a fa
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from optagent.errors import TrialFailed, UserError
@@ -132,7 +135,6 @@ def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
     Deterministic under the payload's seed, so `optagent apply`, `profile` and the confirmation pass
     rebuild exactly the model a trial measured.
     """
-    import contextlib
     import socket
 
     import torch
@@ -145,31 +147,36 @@ def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
     torch.set_num_threads(threads)
     seed = int(payload.get("seed", 0))
     torch.manual_seed(seed)
-    caps = hw.detect(payload.get("device", "auto"))
-    fingerprint = hw.fingerprint(threads, caps)
-    device = torch.device(caps.device)
+    compute: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    if payload.get("exclusive_measure"):  # local workers share cores: compute yields to a trial that times
+        from optagent.contract import cache_dir, computing
 
-    registry = build_registry(log_warnings=False)  # the CLI or `optagent worker` has shown them
-    params: dict[str, dict[str, Any]] = payload.get("params") or {}
-    names = list(payload.get("strategies") or params)
-    missing = [name for name in names if name not in registry.strategies]
-    if missing:
-        raise TrialFailed(f"strategy {', '.join(missing)} is not installed on worker host "
-                          f"{worker_host or socket.gethostname()}; install the plugin there (same versions as "
-                          "the coordinator)")
+        compute = partial(computing, cache_dir() / "measure.lock")
+    # loading is compute too (plugin and model-file imports, data, weights: a second or two of CPU): a trial
+    # timing meanwhile measured int8 models 3-8% slower against its baseline than they are
+    with compute():
+        caps = hw.detect(payload.get("device", "auto"))
+        fingerprint = hw.fingerprint(threads, caps)
+        device = torch.device(caps.device)
 
-    mf = _load_model_file(payload["model"])
-    baseline = mf.load_model().to(device)
-    model = mf.load_model().to(device)
+        registry = build_registry(log_warnings=False)  # the CLI or `optagent worker` has shown them
+        params: dict[str, dict[str, Any]] = payload.get("params") or {}
+        names = list(payload.get("strategies") or params)
+        missing = [name for name in names if name not in registry.strategies]
+        if missing:
+            raise TrialFailed(f"strategy {', '.join(missing)} is not installed on worker host "
+                              f"{worker_host or socket.gethostname()}; install the plugin there (same versions "
+                              "as the coordinator)")
+
+        mf = _load_model_file(payload["model"])
+        baseline = mf.load_model().to(device)
+        model = mf.load_model().to(device)
     space = SpaceContext(capabilities=caps,
                          objectives=tuple(Objective.parse(o) for o in payload.get("objectives", [])),
                          default_batch_size=mf.default_batch_size)
     ctx = TrialContext(model_file=mf, baseline=baseline, device=device, capabilities=caps, params=params,
                        seed=seed, threads=threads)
-    if payload.get("exclusive_measure"):  # local workers share cores: compute yields to a trial that times
-        from optagent.contract import cache_dir, computing
-
-        ctx.compute = lambda: computing(cache_dir() / "measure.lock")
+    ctx.compute = compute
     chosen = [registry.strategies[name] for name in names]
     for strategy in chosen:
         strategy.configure(dict(params.get(strategy.name) or strategy.off_params(space)), ctx)
@@ -186,8 +193,6 @@ def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
 
 def time_models(models: dict[str, Any], batch: Any, payload: dict[str, Any], device: Any, seed: int = 0) -> Any:
     """Interleaved timing of several models on one batch, under the host lock when asked for."""
-    import contextlib
-
     from optagent.contract import cache_dir, measure_exclusively
     from optagent.measure import MeasureSettings, interleaved
 
@@ -239,14 +244,15 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
         batch_size=float(bs),
     )
     metrics.update({k: float(v) for k, v in ctx.extra_metrics.items()})
-    for metric in built.registry.metrics.values():
-        try:
-            value = float(metric.compute(model, ctx, batch))
-        except Exception as exc:  # a metric that cannot be computed for this model is absent, not fatal
-            ctx.notes.append(f"metric {metric.name} unavailable: {type(exc).__name__}: {exc}")
-            continue
-        if math.isfinite(value):
-            metrics[metric.name] = value
+    with ctx.compute():  # memory, FLOPs and size metrics run the model or serialize it
+        for metric in built.registry.metrics.values():
+            try:
+                value = float(metric.compute(model, ctx, batch))
+            except Exception as exc:  # a metric that cannot be computed for this model is absent, not fatal
+                ctx.notes.append(f"metric {metric.name} unavailable: {type(exc).__name__}: {exc}")
+                continue
+            if math.isfinite(value):
+                metrics[metric.name] = value
     return {
         "trial": number,
         "state": "complete",

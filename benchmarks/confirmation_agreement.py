@@ -12,7 +12,8 @@ bootstrap band of one process (what the band was before it included the process-
 whether the search-time speedup falls inside each band. Target: every Pareto trial inside its band, and
 about 95% of all trials (a 95% band misses one measurement in twenty by design).
 
-    python benchmarks/confirmation_agreement.py [--seed 0] [--trials 12] [--processes 3] [--json out.json]
+    python benchmarks/confirmation_agreement.py [--seed 0] [--trials 12] [--workers 2] [--processes 3]
+                                                [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ MODEL = ROOT / "examples" / "digits_cnn.py"
 def _search(args: argparse.Namespace, db: str, env: dict[str, str]) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "optagent.cli", "search", str(MODEL), "--trials", str(args.trials),
-                    "--workers", "2", "--seed", str(args.seed), "--db", db, "--quiet",
+                    "--workers", str(args.workers), "--seed", str(args.seed), "--db", db, "--quiet",
                     "--strategies", "pruning,finetune,quantization,batch_size",
                     "--confirm-processes", str(args.processes)], check=True, env=env)
     return time.perf_counter() - started
@@ -55,7 +56,9 @@ def _confirm_rest(db: str, numbers: list[int], processes: int) -> dict[str, Any]
         cfg = JobConfig.from_json(job.config)
         payload = make_payload(cfg, {"id": job.id, "name": job.name}, job.model_path, job.model_hash, -1, {})
     payload.update(kind="confirm", seed=cfg.seed, processes=processes, time_limit_s=None,
-                   candidates={str(n): {"params": rows[n].params, "seed": cfg.seed + n} for n in numbers})
+                   candidates={str(n): {"params": rows[n].params, "seed": cfg.seed + n,
+                                        "speedup_low": rows[n].metrics.get("speedup_low"),
+                                        "speedup_high": rows[n].metrics.get("speedup_high")} for n in numbers})
     result = run_trial(payload)
     if result["state"] != "complete":
         raise SystemExit(f"confirmation failed: {result['failure_reason']}")
@@ -78,6 +81,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--processes", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2, help="local workers of the search")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
@@ -96,7 +100,8 @@ def main() -> None:
     front = {t.number: t.metrics for t in trials if "confirmed_speedup" in t.metrics}
     rest = [t.number for t in trials if t.number not in front]
     started = time.perf_counter()
-    extra = _confirm_rest(db, rest, args.processes) if rest else {"confirmations": {}, "samples": [], "noise": None}
+    extra = (_confirm_rest(db, rest, args.processes) if rest
+             else {"confirmations": {}, "samples": [], "noise": None, "phase_noise": None})
     rest_s = time.perf_counter() - started
 
     searched = {t.number: t.metrics["speedup"] for t in trials}
@@ -120,12 +125,16 @@ def main() -> None:
                      "inside_one_process": None if one is None else one[0] <= s <= one[1],
                      "off": s / conf["speedup"] - 1})
 
-    print(f"search: {args.trials} trials, 2 workers, seed {args.seed}, {search_s:.0f} s (with the confirmation "
-          f"of the Pareto trials); confirming the other {len(rest)} completed trials: {rest_s:.0f} s; "
+    print(f"search: {args.trials} trials, {args.workers} workers, seed {args.seed}, {search_s:.0f} s (with the "
+          f"confirmation of the Pareto trials); confirming the other {len(rest)} completed trials: {rest_s:.0f} s; "
           f"{args.processes} fresh processes each")
+    front_phase = next((m["confirmed_phase_noise"] for m in front.values() if "confirmed_phase_noise" in m),
+                       float("nan"))
     print(f"process-to-process noise (sd of log speedup, pooled): Pareto pass "
           f"{next((m.get('confirmed_noise') for m in front.values() if 'confirmed_noise' in m), float('nan')):.4f}, "
-          f"other trials {extra['noise'] if extra['noise'] is not None else float('nan'):.4f}")
+          f"other trials {extra['noise'] if extra['noise'] is not None else float('nan'):.4f}; phase noise within a "
+          f"process: Pareto pass {front_phase:.4f}, "
+          f"other trials {extra.get('phase_noise') or 0.0:.4f}")
     print(f"{'trial':>5} {'front':>5} {'search':>8} {'confirmed':>10} {'95% noise band':>17} {'off':>7} "
           f"{'in':>3} {'one-process band':>17} {'in':>3}  per-process speedups")
     for r in rows:

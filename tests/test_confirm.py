@@ -156,3 +156,30 @@ def test_noise_band_covers_95_percent_of_fresh_measurements() -> None:
         fresh = true["2"] * math.exp(rng.gauss(0, sigma))
         inside += band["low"] <= fresh <= band["high"]
     assert 0.92 <= inside / trials <= 0.98
+
+
+def test_phase_noise_sees_a_ratio_that_moves_over_time_and_not_round_noise() -> None:
+    from optagent.confirm import _phase_noise
+
+    rng = random.Random(3)
+    base = [10.0 * math.exp(rng.gauss(0, 0.03)) for _ in range(120)]
+    steady = [1.0 * math.exp(rng.gauss(0, 0.05)) for _ in range(120)]  # noisy rounds, one true ratio
+    var, df = _phase_noise(base, steady)
+    assert df == 3 and math.sqrt(var) < 0.01
+    # a busy phase in the second half slows the candidate by 6% against the baseline
+    moving = [c * (1.06 if i >= 60 else 1.0) for i, c in enumerate(steady)]
+    var, _ = _phase_noise(base, moving)
+    assert 0.02 < math.sqrt(var) < 0.05  # block medians -3%/+3% around the mean: sd ~0.034
+    assert _phase_noise(base[:15], steady[:15]) == (0.0, 0)  # too few rounds for two blocks
+
+
+def test_the_band_for_a_search_time_speedup_adds_phase_and_its_own_sampling_noise() -> None:
+    runs = [_run({"1": 2.00}), _run({"1": 2.04}), _run({"1": 1.98})]
+    plain = combine(runs)["confirmations"]["1"]
+    for run in runs:
+        run["confirmations"]["1"].update(phase_var=0.02 ** 2, phase_df=3)
+    phased = combine(runs)["confirmations"]["1"]
+    searched = combine(runs, searched={"1": (1.9, 2.1)})["confirmations"]["1"]
+    assert plain["high"] < phased["high"] < searched["high"] and plain["low"] > phased["low"] > searched["low"]
+    assert phased["phase_noise"] == pytest.approx(0.02)
+    assert phased["ci_low"] == plain["ci_low"]  # the confidence band of the mean is the processes' alone

@@ -95,7 +95,7 @@ def print_pareto(job: Job, trials: list[Trial]) -> None:
         inside = sum(r["speedup"] is not None and r["metrics"]["confirmed_speedup_low"] <= r["speedup"]
                      <= r["metrics"]["confirmed_speedup_high"] for r in checked)
         out.print(f"confirmed = re-measured after the search, all Pareto trials interleaved with the baseline {where}; "
-                  "noise band = where 95% of single measurements fall; equal rank = a tie within the noise; "
+                  "noise band = where 95% of search-time measurements fall; equal rank = a tie within the noise; "
                   f"{inside} of {len(checked)} search-time speedups are inside their band")
     if base is not None:
         out.print(f"baseline (trial 0): {metric} {fmt(base.metrics.get(metric))}, latency "
