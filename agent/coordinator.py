@@ -700,7 +700,8 @@ class Coordinator:
                                   for n, row in candidates.items()}}
         if self.cfg.trial_timeout_s:
             payload["time_limit_s"] = self.cfg.trial_timeout_s * (len(candidates) + 1) * processes
-        self._emit("confirm_started", trials=sorted(candidates), processes=processes)
+        self._emit("confirm_started", trials=sorted(candidates), processes=processes,
+                   parallel=min(processes, payload["parallel"]) if payload.get("exclusive_measure") else 1)
         self.executor.submit(-1, payload)
         result = None
         while result is None:

@@ -197,3 +197,18 @@ def test_a_broken_display_never_stops_the_search() -> None:
         progress(kind, data)  # must not raise
     with contextlib.suppress(Exception):
         progress.close()
+
+
+def test_progress_lines_say_how_the_confirmation_runs_and_its_bands() -> None:
+    progress = LineProgress(quiet=True)
+    line = progress.line("confirm_started", {"trials": [3, 11], "processes": 3, "parallel": 2})
+    assert line is not None and "Pareto trials [3, 11]" in line and "3 fresh processes, 2 at a time" in line
+    line = progress.line("confirm_started", {"trials": [3], "processes": 3, "parallel": 1})
+    assert line is not None and "3 fresh processes, one after another" in line
+    line = progress.line("confirm_started", {"trials": [3], "processes": 1})
+    assert line is not None and "in one process" in line
+    line = progress.line("confirmed", {"ok": True, "notes": ["confirmation process 2: exited with code 1"],
+                                       "confirmations": {"3": {"speedup": 11.78, "low": 11.2, "high": 12.38,
+                                                               "tie_group": 1}, "4": {"error": "boom"}}})
+    assert line is not None and "trial 3 11.78x (11.20-12.38) rank 1" in line and "process 2: exited" in line
+    assert "trial 4" not in line

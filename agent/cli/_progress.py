@@ -95,7 +95,9 @@ class LineProgress:
                     f"speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}")
         if kind == "confirm_started":
             runs = data.get("processes", 1)
-            where = "in one process" if runs == 1 else f"in {runs} fresh processes, one after another"
+            at_once = data.get("parallel", 1)
+            where = ("in one process" if runs == 1 else f"in {runs} fresh processes, "
+                     + ("one after another" if at_once <= 1 else f"{at_once} at a time"))
             return (f"[{elapsed:6.0f}s] confirming: re-measuring Pareto trials {data['trials']} interleaved with "
                     f"the baseline {where}...")
         if kind == "confirmed":
