@@ -10,16 +10,19 @@ round-robin at their inference batch size (`confirm_in_process`).
 One process gives each candidate a paired speedup with a bootstrap band over its rounds, but that band
 cannot see what changes from one process to the next (memory layout, allocator and cache state), which
 on a CPU is often the larger part of the noise. So the processes are combined (`combine`): a candidate's
-confirmed speedup is the geometric mean of its per-process speedups; the spread between processes, pooled
-over the candidates (log scale), gives
-  - the noise band (`low`, `high`): where 95% of single measurements of that speedup in a fresh process
-    fall (a t prediction interval), the band a search-time speedup is checked against;
-  - the confidence band (`ci_low`, `ci_high`) of the confirmed speedup itself, from which candidates
-    whose difference is within the noise share a tie group.
+confirmed speedup is the geometric mean of its per-process speedups, and
+  - the noise band (`low`, `high`) is where 95% of single search-time measurements of that speedup fall
+    (a t prediction interval, log scale): the spread between processes pooled over the candidates, the
+    drift of the ratio over time within a process (`_phase_noise`) and the trial's own sampling noise
+    (from its search-time band) added up; the band a search-time speedup is checked against;
+  - the confidence band (`ci_low`, `ci_high`) is that of the confirmed speedup itself, from the spread
+    between processes; candidates whose ratio, taken within each process, is within the noise share a
+    tie group.
 
 payload = the usual trial fields (model, strategies, objectives, threads, device, measure, job) plus
     "kind": "confirm", "trial": -1, "processes": int (default CONFIRM_PROCESSES), "parallel": int,
-    "candidates": {"<trial number>": {"params": {strategy: {param: value}}, "seed": int}}
+    "candidates": {"<trial number>": {"params": {strategy: {param: value}}, "seed": int,
+                                      "speedup_low": float, "speedup_high": float (its search-time band)}}
 
 `python -m optagent.confirm PAYLOAD.json RESULT.json` is one such process.
 """
@@ -90,7 +93,7 @@ def _in_fresh_processes(payload: dict[str, Any], processes: int, parallel: int,
     outcomes: dict[int, dict[str, Any] | str] = {}
     with tempfile.TemporaryDirectory(prefix="optagent-confirm-") as tmp:
         src = Path(tmp) / "payload.json"
-        src.write_text(json.dumps({**payload, "processes": 1}))
+        src.write_text(json.dumps(payload))  # `main` runs it as one process
         waiting = list(range(processes))
         running: dict[int, subprocess.Popen[bytes]] = {}
         try:
@@ -161,10 +164,11 @@ def _phase_noise(reference: list[float] | tuple[float, ...],
     return max(0.0, statistics.variance(medians) - statistics.fmean(sampling)), blocks - 1
 
 
-def _t_quantile(p: float, df: int) -> float:
+def _t_quantile(confidence: float, df: int) -> float:
+    """The two-sided t quantile: mean +- this many standard errors covers `confidence`."""
     from scipy.stats import t  # scikit-learn, a dependency, brings scipy
 
-    return float(t.ppf(p, df))
+    return float(t.ppf(1 - (1 - confidence) / 2, df))
 
 
 def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION,
@@ -172,9 +176,9 @@ def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION,
     """Combine single-process confirmations (`confirm_in_process` results) of the same candidates;
     `searched` has each candidate's search-time speedup band (low, high), whose width is part of the
     noise of that measurement."""
-    searched = searched or {}
     from optagent.measure import MIN_EFFECT, Speedup, tie_groups
 
+    searched = searched or {}
     numbers = sorted({n for run in runs for n in run["confirmations"]}, key=int)
     measured = {n: [run["confirmations"][n] for run in runs if "speedup" in run["confirmations"].get(n, {})]
                 for n in numbers}
@@ -182,7 +186,7 @@ def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION,
     df = sum(len(ys) - 1 for ys in logs.values() if len(ys) > 1)
     ss = sum(sum((y - statistics.fmean(ys)) ** 2 for y in ys) for ys in logs.values() if len(ys) > 1)
     noise = math.sqrt(ss / df) if df else None
-    t = _t_quantile(1 - (1 - confidence) / 2, df) if df else None
+    t = _t_quantile(confidence, df) if df else None
     phase_df = sum(c.get("phase_df", 0) for cs in measured.values() for c in cs)
     phase_var = (sum(c.get("phase_var", 0.0) * c.get("phase_df", 0) for cs in measured.values() for c in cs)
                  / phase_df if phase_df else 0.0)
@@ -232,7 +236,7 @@ def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION,
              if a.get("speedup", 0) > 0 and b.get("speedup", 0) > 0]
         if len(d) < 2:
             return not ci[leader].overlaps(ci[other], MIN_EFFECT)
-        reach = _t_quantile(1 - (1 - confidence) / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+        reach = _t_quantile(confidence, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
         return statistics.fmean(d) - reach > math.log1p(MIN_EFFECT)
 
     for n, group_no in tie_groups(ci, MIN_EFFECT, differ).items():

@@ -693,15 +693,15 @@ class Coordinator:
             return
         processes = max(1, self.cfg.confirm_processes)
         payload = {**self._payload(-1, {}), "kind": "confirm", "seed": self.cfg.seed, "processes": processes,
-                   "parallel": self.cfg.workers if self.cfg.executor == "local" else 1,
                    "candidates": {str(n): {"params": row.params, "seed": self.cfg.seed + n,
                                            "speedup_low": row.metrics.get("speedup_low"),
                                            "speedup_high": row.metrics.get("speedup_high")}
                                   for n, row in candidates.items()}}
+        # local workers time under the host lock, so one process can build while another times
+        payload["parallel"] = min(processes, self.cfg.workers) if payload.get("exclusive_measure") else 1
         if self.cfg.trial_timeout_s:
             payload["time_limit_s"] = self.cfg.trial_timeout_s * (len(candidates) + 1) * processes
-        self._emit("confirm_started", trials=sorted(candidates), processes=processes,
-                   parallel=min(processes, payload["parallel"]) if payload.get("exclusive_measure") else 1)
+        self._emit("confirm_started", trials=sorted(candidates), processes=processes, parallel=payload["parallel"])
         self.executor.submit(-1, payload)
         result = None
         while result is None:
