@@ -73,27 +73,6 @@ def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# Local workers share the host's cores: a trial timing its model while another one trains would charge the
-# training's load (cores, caches, memory bandwidth) to the timing. So timing takes a host lock exclusively,
-# and trials take it shared around each unit of heavy compute (a training step, an evaluation, a stage).
-# A turnstile in front lets a waiting timer in: compute waits at it while a timer holds it, so steps
-# cannot starve the timer.
-@contextlib.contextmanager
-def measure_exclusively(path: Path) -> Iterator[None]:
-    """Hold the host's measure lock alone: no other trial computes or times meanwhile."""
-    with file_lock(path.with_suffix(".turnstile")), file_lock(path):
-        yield
-
-
-@contextlib.contextmanager
-def computing(path: Path) -> Iterator[None]:
-    """Hold the host's measure lock shared, for one unit of compute (waits while a trial times)."""
-    with file_lock(path.with_suffix(".turnstile"), shared=True):  # pass the turnstile: blocks while a timer waits
-        pass
-    with file_lock(path, shared=True):
-        yield
-
-
 def cached_weights(model: torch.nn.Module, train: Callable[[torch.nn.Module], None], source_file: str | Path,
                    tag: str = "") -> torch.nn.Module:
     """Return `model` with trained weights, training it at most once per content of `source_file`.

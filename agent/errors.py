@@ -11,3 +11,12 @@ class UserError(Exception):
 
 class TrialFailed(Exception):
     """A trial could not produce a result; the message is stored as the trial's failure reason."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a failure reason: the exception and the file and line that raised it."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"

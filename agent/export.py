@@ -1,6 +1,6 @@
 """`optagent export` and `optagent apply`: get a trial's model back out, and rebuild it from its recipe.
 
-A trial is rebuilt with `optagent.pipeline.build` from the payload it ran with (same params, same seed,
+A trial is rebuilt with `optagent.trial.pipeline.build` from the payload it ran with (same params, same seed,
 same thread count), so the exported model is the one that was measured. Export writes three things:
 
 - the model: whatever the final model's `optagent_export(directory)` writes if it has that method (e.g.
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from optagent.errors import TrialFailed, UserError
+from optagent.protocol import JobRef, ModelRef, TrialPayload
 from optagent.storage import Job, Trial
 
 RECIPE_FORMAT = "optagent-recipe/1"
@@ -96,23 +97,23 @@ def exportable_trial(job: Job, trial: Trial | None, number: int) -> Trial:
 
 def recipe_of(job: Job, trial: Trial) -> dict[str, Any]:
     """The JSON that rebuilds a trial anywhere: everything `pipeline.build` reads, plus provenance."""
-    from optagent.coordinator import payload_for
+    from optagent.job import JobConfig, payload_for
 
-    payload = payload_for(job, trial)
+    payload, cfg = payload_for(job, trial), JobConfig.of(job)
     return {
         "format": RECIPE_FORMAT,
         "job": {"id": job.id, "name": job.name},
         "trial": trial.number,
         "recipe": trial.recipe,
-        "strategies": payload["strategies"],
-        "params": payload["params"],
-        "objectives": payload["objectives"],
-        "seed": payload["seed"],
-        "job_seed": job.config.get("seed", 0),
-        "threads": payload["threads"],
-        "device": payload["device"],
-        "constraint": {"metric": job.config.get("constraint_metric"),
-                       "max_drop": job.config.get("max_accuracy_drop")},
+        "strategies": payload.strategies,
+        "params": payload.params,
+        "objectives": payload.objectives,
+        "seed": payload.seed,
+        "job_seed": cfg.seed,
+        "threads": payload.threads,
+        "device": payload.device,
+        "constraint": {"metric": cfg.constraint_metric, "max_drop": cfg.max_accuracy_drop,
+                       "max_relative_drop": cfg.max_relative_drop},
         "model": {"path": job.model_path, "sha256": job.model_hash},
         "versions": versions(),
         "hardware": {k: v for k, v in (trial.hardware or {}).items() if k != "model_info"},
@@ -120,13 +121,13 @@ def recipe_of(job: Job, trial: Trial) -> dict[str, Any]:
     }
 
 
-def _payload(recipe: dict[str, Any], model_path: str, sha256: str) -> dict[str, Any]:
-    return {"trial": recipe["trial"], "job": recipe.get("job") or {}, "params": recipe.get("params") or {},
-            "model": {"path": model_path, "sha256": sha256, "source_b64": None},
-            "strategies": recipe.get("strategies") or list(recipe.get("params") or {}),
-            "objectives": recipe.get("objectives") or [], "seed": recipe.get("seed", 0),
-            "threads": recipe.get("threads", 1), "device": recipe.get("device", "auto"),
-            "measure": {}, "exclusive_measure": False}
+def _payload(recipe: dict[str, Any], model_path: str, sha256: str) -> TrialPayload:
+    job = recipe.get("job") or {}
+    return TrialPayload(trial=int(recipe["trial"]), job=JobRef(int(job.get("id") or 0), str(job.get("name") or "")),
+                        params=recipe.get("params") or {}, model=ModelRef(model_path, sha256),
+                        strategies=recipe.get("strategies") or list(recipe.get("params") or {}),
+                        objectives=recipe.get("objectives") or [], seed=int(recipe.get("seed", 0)),
+                        threads=int(recipe.get("threads", 1)), device=str(recipe.get("device", "auto")))
 
 
 def _same(want: Any, got: Any) -> bool:
@@ -191,9 +192,9 @@ def save_model(model: Any, example: Any, directory: Path) -> tuple[list[Path], s
     return [target], "state_dict"
 
 
-def _rebuild(recipe: dict[str, Any], payload: dict[str, Any], directory: Path,
+def _rebuild(recipe: dict[str, Any], payload: TrialPayload, directory: Path,
              recorded: dict[str, Any]) -> Exported:
-    from optagent import pipeline
+    from optagent.trial import pipeline
 
     try:
         built = pipeline.build(payload)

@@ -5,11 +5,7 @@ trials distinct), the hypervolume over trials, parameter importances from the Op
 table of every trial (failed ones with their reason), the hardware fingerprint and the job configuration.
 plotly.js is inlined (no CDN), so the file works without a network; plotly is imported lazily.
 
-Hypervolume. Each objective is scaled by the baseline's value (so the figure is unitless) and the
-reference point is the baseline itself, except for the constrained metric (accuracy by default), whose
-reference is the lowest value the constraint allows (baseline − max drop). Only feasible trials count.
-So the hypervolume is 0 until a trial beats the baseline on every non-constrained objective (e.g. is
-faster) within the allowed drop, and it grows as the front improves.
+The hypervolume is optagent.search.front.hypervolume_history (its docstring says how it is scaled).
 """
 
 from __future__ import annotations
@@ -18,73 +14,19 @@ import datetime as dt
 import html
 import json
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from optagent.errors import UserError
+from optagent.job import JobConfig
+from optagent.search.front import Goal, hypervolume_history
 from optagent.storage import Job, Trial
-
-_PLOT_CONFIG = {"displaylogo": False, "responsive": True}
-
-
-# -- hypervolume -----------------------------------------------------------------------------------------
-def _hv_min(points: list[list[float]], ref: list[float]) -> float:
-    """Hypervolume dominated by `points` (minimisation) up to `ref`, by slicing the last dimension."""
-    pts = [p for p in points if all(x < r for x, r in zip(p, ref, strict=True))]
-    if not pts:
-        return 0.0
-    if len(ref) == 1:
-        return ref[0] - min(p[0] for p in pts)
-    pts.sort(key=lambda p: p[-1])
-    volume = 0.0
-    for i, p in enumerate(pts):
-        top = pts[i + 1][-1] if i + 1 < len(pts) else ref[-1]
-        if top > p[-1]:
-            volume += (top - p[-1]) * _hv_min([q[:-1] for q in pts[: i + 1]], ref[:-1])
-    return volume
-
-
-def hypervolume(points: Sequence[Sequence[float]], ref: Sequence[float], signs: Sequence[float]) -> float:
-    """Hypervolume of `points` against `ref`; signs are +1 for maximised and -1 for minimised objectives."""
-    flip = [[-s * x for x, s in zip(p, signs, strict=True)] for p in points]
-    return _hv_min(flip, [-s * r for r, s in zip(ref, signs, strict=True)])
 
 
 def _objectives(job: Job) -> list[tuple[str, float]]:
-    out = []
-    for o in job.config.get("objectives") or ["accuracy:max", "latency_ms:min"]:
-        name, _, direction = o.partition(":")
-        out.append((name, 1.0 if direction.lower().startswith("max") else -1.0))
-    return out
+    return [(o.metric, 1.0 if o.direction == "maximize" else -1.0) for o in JobConfig.of(job).parsed_objectives]
 
-
-def hypervolume_history(job: Job, trials: list[Trial]) -> tuple[list[int], list[float], list[float]] | None:
-    """(trial numbers, hypervolume after each, scaled reference point), or None without a baseline."""
-    base = next((t for t in trials if t.number == 0 and t.state == "complete"), None)
-    objectives = _objectives(job)
-    if base is None or any(name not in base.metrics for name, _ in objectives):
-        return None
-    scale = [abs(float(base.metrics[n])) or 1.0 for n, _ in objectives]
-    metric, drop = job.config.get("constraint_metric", "accuracy"), job.config.get("max_accuracy_drop")
-    ref = []
-    for (name, sign), k in zip(objectives, scale, strict=True):
-        value = float(base.metrics[name])
-        if name == metric and drop is not None and sign > 0:
-            value -= float(drop)
-        ref.append(value / k)
-    signs = [s for _, s in objectives]
-    numbers: list[int] = []
-    volumes: list[float] = []
-    points: list[list[float]] = []
-    for t in sorted(trials, key=lambda t: t.number):
-        if t.state == "complete" and t.feasible and all(n in t.metrics for n, _ in objectives):
-            points.append([float(t.metrics[n]) / k for (n, _), k in zip(objectives, scale, strict=True)])
-        if t.state in ("complete", "failed"):
-            numbers.append(t.number)
-            # a point never takes volume away; max() keeps float rounding (order of the sums) from doing so
-            volumes.append(max(hypervolume(points, ref, signs), volumes[-1] if volumes else 0.0))
-    return numbers, volumes, ref
+_PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
 
 # -- figures ---------------------------------------------------------------------------------------------
@@ -111,7 +53,7 @@ def pareto_figure(job: Job, trials: list[Trial]) -> Any:
     done = [t for t in trials if t.state == "complete"]
     y_name = objectives[0][0]
     x_name = objectives[1][0] if len(objectives) > 1 else None
-    metric = job.config.get("constraint_metric", "accuracy")
+    metric = JobConfig.of(job).constraint_name
     shown = list(dict.fromkeys([n for n, _ in objectives] + [metric, "speedup", "latency_ms", "model_size_mb"]))
 
     def xy(ts: list[Trial]) -> dict[str, Any]:
@@ -136,11 +78,13 @@ def pareto_figure(job: Job, trials: list[Trial]) -> Any:
         fig.add_trace(go.Scatter(name=f"{name} ({len(ts)})", mode=mode, marker=marker,
                                  line={"shape": "hv", "dash": "dot", "color": "#2ca02c"}, **xy(ts)))
     base = next((t for t in done if t.number == 0), None)
-    drop = job.config.get("max_accuracy_drop")
-    if base is not None and y_name == metric and drop is not None and metric in base.metrics:
-        floor = float(base.metrics[metric]) - float(drop)
-        fig.add_hline(y=floor, line={"dash": "dash", "color": "#d62728", "width": 1},
-                      annotation_text=f"constraint: {metric} ≥ {floor:.4g}", annotation_position="bottom right")
+    goal = Goal(JobConfig.of(job))
+    if base is not None and y_name == metric and goal.constrained and metric in base.metrics:
+        goal.baseline = {k: float(v) for k, v in base.metrics.items() if isinstance(v, int | float)}
+        bound = goal.bound()
+        fig.add_hline(y=bound, line={"dash": "dash", "color": "#d62728", "width": 1},
+                      annotation_text=f"constraint: {metric} {'≥' if goal.sign > 0 else '≤'} {bound:.4g}",
+                      annotation_position="bottom right")
     arrows = {1.0: "↑ better", -1.0: "↓ better"}
     fig.update_layout(
         title="Pareto front (hover a point for its strategies and metrics)", height=520,
@@ -165,7 +109,7 @@ def param_importances(job: Job, url: str | None) -> dict[str, dict[str, float]] 
     """Importance of each searched parameter per objective, or the reason it cannot be computed."""
     import optuna
 
-    from optagent.coordinator import optuna_storage
+    from optagent.search.study import optuna_storage
     from optagent.storage import normalize_url
 
     try:
@@ -214,7 +158,7 @@ def _cell(value: Any, sort: Any = None) -> str:
 
 def trial_table(job: Job, trials: list[Trial]) -> str:
     objectives = [n for n, _ in _objectives(job)]
-    metric = job.config.get("constraint_metric", "accuracy")
+    metric = JobConfig.of(job).constraint_name
     base = next((t for t in trials if t.number == 0 and t.state == "complete"), None)
     extra = [m for m in ("speedup", "model_size_mb", "param_count") if m not in objectives]
     heads = ["trial", "state", "feasible", "front", *objectives, f"Δ{metric}", *extra, "duration s", "worker",
@@ -352,7 +296,7 @@ def build_html(job: Job, trials: list[Trial], url: str | None) -> str:
     sections.append(f'<div class="cols"><div><h2>Hardware fingerprint</h2>{_hardware(trials)}</div>'
                     f"<div><h2>Job configuration</h2>{_kv_table(config)}</div></div>")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    summary = (f"{job.status} · {len(complete)} complete, {len(failed)} failed of {job.config.get('n_trials') or '∞'}"
+    summary = (f"{job.status} · {len(complete)} complete, {len(failed)} failed of {JobConfig.of(job).n_trials or '∞'}"
                f" · Pareto front {sum(t.on_front for t in trials)} · generated {stamp} by optagent")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -21,6 +21,16 @@ from optagent.errors import UserError
 DEFAULT_DB = "sqlite:///optagent.db"
 
 
+class _State(sa.types.TypeDecorator[str]):
+    """A short text column for a state; JobStatus/TrialState members are stored as their value."""
+
+    impl = sa.String(20)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else str(getattr(value, "value", value))
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -36,7 +46,7 @@ class Job(SQLModel, table=True):
     model_path: str
     model_hash: str = Field(max_length=64)
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    status: str = Field(default="pending", max_length=20)  # pending running completed failed cancelled
+    status: str = Field(default="pending", sa_column=Column(_State, nullable=False))  # optagent.job.JobStatus
     error: str | None = None
     created_at: dt.datetime = Field(default_factory=utcnow)
     started_at: dt.datetime | None = None
@@ -51,7 +61,7 @@ class Trial(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="optagent_jobs.id", index=True)
     number: int  # the Optuna trial number; 0 is the baseline
-    state: str = Field(default="queued", max_length=20)  # queued running complete failed cancelled
+    state: str = Field(default="queued", sa_column=Column(_State, nullable=False))  # optagent.job.TrialState
     params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     recipe: str = ""  # human summary of the strategies that are on, e.g. "pruning(structured 0.5) + ..."
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -150,6 +150,8 @@ class SpaceContext:
     default_batch_size: int = 1
     has_conv: bool = True
     has_linear: bool = True
+    # what the baseline trial found out about the model (layer kinds, attention heads, input dtypes, ...)
+    model_info: dict[str, Any] = field(default_factory=dict)
 
 
 LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]

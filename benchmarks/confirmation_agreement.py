@@ -4,7 +4,7 @@
    pruning + finetune + quantization + batch_size, SQLite in a temp dir) with its confirmation pass: the
    Pareto trials re-measured interleaved with the baseline in `--processes` fresh processes.
 2. Runs the same confirmation on every other completed trial too (one payload, the product's own
-   `optagent.confirm`), so the check covers int8, bf16, pruned and unchanged models, not just the front.
+   `optagent.trial.confirm`), so the check covers int8, bf16, pruned and unchanged models, not just the front.
 
 For each trial it prints the search-time speedup (measured in the trial's own process, as the search
 stored it), the confirmed speedup with its 95% noise band, the per-process speedups, the in-process
@@ -46,19 +46,18 @@ def _confirm_rest(db: str, numbers: list[int], processes: int) -> dict[str, Any]
     """The product's confirmation pass on the given trials, run from this process."""
     from sqlmodel import Session
 
-    from optagent.coordinator import JobConfig, make_payload
-    from optagent.pipeline import run_trial
+    from optagent.job import JobConfig, payload_for
+    from optagent.search.confirmation import confirmation_payload
     from optagent.storage import engine_for, find_job, job_trials
+    from optagent.trial import run_trial
 
     with Session(engine_for(db)) as s:
         job = find_job(s, "1")
         rows = {t.number: t for t in job_trials(s, job.id)}
-        cfg = JobConfig.from_json(job.config)
-        payload = make_payload(cfg, {"id": job.id, "name": job.name}, job.model_path, job.model_hash, -1, {})
-    payload.update(kind="confirm", seed=cfg.seed, processes=processes, time_limit_s=None,
-                   candidates={str(n): {"params": rows[n].params, "seed": cfg.seed + n,
-                                        "speedup_low": rows[n].metrics.get("speedup_low"),
-                                        "speedup_high": rows[n].metrics.get("speedup_high")} for n in numbers})
+        cfg = JobConfig.of(job)
+        cfg.confirm_processes = processes
+        base = payload_for(job, rows[0])
+    payload = confirmation_payload(cfg, base, {n: rows[n] for n in numbers}).replace(time_limit_s=None).to_json()
     result = run_trial(payload)
     if result["state"] != "complete":
         raise SystemExit(f"confirmation failed: {result['failure_reason']}")
@@ -67,7 +66,7 @@ def _confirm_rest(db: str, numbers: list[int], processes: int) -> dict[str, Any]
 
 def _bootstrap_band(samples: dict[str, dict[str, list[float]]], number: int) -> tuple[float, float] | None:
     """The in-process 95% band of one process's samples (the band a single-process confirmation gives)."""
-    from optagent.measure import speedup_band
+    from optagent.trial.measure import speedup_band
 
     for by_name in samples.values():
         if str(number) in by_name:

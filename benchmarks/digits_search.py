@@ -60,17 +60,17 @@ def main() -> None:
     import torch
     from sqlmodel import Session
 
-    from optagent.coordinator import payload_for
-    from optagent.measure import MeasureSettings, interleaved
-    from optagent.pipeline import _batch, build
+    from optagent.job import payload_for
     from optagent.storage import engine_for, find_job, get_trial
+    from optagent.trial.measure import MeasureSettings, interleaved
+    from optagent.trial.pipeline import _batch, build
 
     torch.set_num_threads(args.threads)
     engine = engine_for(db)
     with Session(engine) as s:
         job = find_job(s, "bench")
         rows = {t["number"]: get_trial(s, job.id, t["number"]) for t in feasible[: args.top]}
-        payloads = {n: {**payload_for(job, row), "threads": args.threads} for n, row in rows.items()}
+        payloads = {n: payload_for(job, row).replace(threads=args.threads) for n, row in rows.items()}
     models = {}
     baseline = None
     for n, payload in payloads.items():

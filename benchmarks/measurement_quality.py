@@ -1,7 +1,7 @@
 """Measurement quality: is a latency figure repeatable, and does a ranking of models survive a re-run?
 
 (a) Repeatability. The digits CNN baseline (batch 32, fixed threads) is measured in N separate *trials*:
-    each is a fresh Python process running `optagent.pipeline.run_trial` on the baseline payload (load,
+    each is a fresh Python process running `optagent.trial.run_trial` on the baseline payload (load,
     evaluate, warm up, time interleaved against the baseline copy, metrics), exactly what a search does.
     As in a search, a first trial sets the job's reference (its interleaved baseline latency on this
     worker at this batch), and the N trials report `latency_ms` calibrated by it (the reference over the
@@ -40,7 +40,7 @@ WIDTHS = (8, 16, 24, 32, 48)
 def _trial_payload(threads: int, measure: dict[str, Any]) -> dict[str, Any]:
     from optagent.contract import sha256_bytes
 
-    return {"trial": 0, "job": {"id": 0, "name": "measurement-quality"},
+    return {"version": 1, "trial": 0, "job": {"id": 0, "name": "measurement-quality"},
             "model": {"path": str(MODEL), "sha256": sha256_bytes(MODEL.read_bytes()), "source_b64": None},
             "params": {}, "strategies": [], "objectives": ["accuracy:max", "latency_ms:min"], "seed": 0,
             "threads": threads, "device": "cpu", "measure": measure, "exclusive_measure": False}
@@ -49,12 +49,12 @@ def _trial_payload(threads: int, measure: dict[str, Any]) -> dict[str, Any]:
 def child_trial(threads: int, measure: dict[str, Any]) -> dict[str, Any]:
     """One separate measurement: the baseline trial, as a search would run it (raw figures; the coordinator
     calibrates them, see main)."""
-    from optagent.pipeline import run_trial
+    from optagent.trial import run_trial
 
     result = run_trial(_trial_payload(threads, measure))
     if result["state"] != "complete":
         raise SystemExit(f"trial failed: {result['failure_reason']}")
-    from optagent.measure import speedup_band
+    from optagent.trial.measure import speedup_band
 
     m, samples = result["metrics"], result["samples"]
     band = speedup_band(samples["baseline_latency_ms"], samples["latency_ms"])
@@ -67,7 +67,7 @@ def child_ranking(threads: int, batch: int) -> dict[str, Any]:
 
     import torch
 
-    from optagent.measure import MeasureSettings, interleaved, speedup_band
+    from optagent.trial.measure import MeasureSettings, interleaved, speedup_band
 
     torch.set_num_threads(threads)
     spec = importlib.util.spec_from_file_location("digits_cnn", MODEL)
@@ -134,7 +134,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"# measurement quality: digits CNN, batch 32, {args.threads} threads, measure settings {args.measure}; "
           f"load average {load:.2f} on {os.cpu_count()} cores")
-    from optagent.measure import calibrate
+    from optagent.search.calibration import calibrate
 
     first = calibrate(_child("trial", args, env))  # the job's first trial: its own reference, as in a search
     reference = first["latency_reference_ms"]

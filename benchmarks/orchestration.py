@@ -110,8 +110,9 @@ def workers(broker: str, queue: str, n: int, tmp: Path) -> Iterator[None]:
 def run_job(db: str, model: Path, n_trials: int, executor_factory: Any, measure: dict[str, Any],
             strategies: list[str] | None = None, executor: str = "celery") -> dict[str, Any]:
     """Run one search job; returns per-trial start/end times and durations from the coordinator's events."""
-    from optagent.coordinator import Coordinator, JobConfig, create_job
+    from optagent.job import JobConfig
     from optagent.registry import build_registry
+    from optagent.search import Coordinator, create_job
     from optagent.storage import init_db
 
     engine = init_db(db)
@@ -146,9 +147,9 @@ def run_job(db: str, model: Path, n_trials: int, executor_factory: Any, measure:
         optuna_ms[trial.number] = (time.perf_counter() - t0) * 1000
         return trial
 
-    import optagent.coordinator as coord
+    import optagent.search.study as glue
 
-    tell = coord.tell  # the coordinator's tell (Study.tell without reading the finished trial back)
+    tell = glue.tell  # the coordinator's tell (Study.tell without reading the finished trial back)
 
     def timed_tell(study: Any, trial: Any, *a: Any, **k: Any) -> Any:
         t0 = time.perf_counter()
@@ -158,21 +159,21 @@ def run_job(db: str, model: Path, n_trials: int, executor_factory: Any, measure:
         return out
 
     coordinator.study.ask = timed_ask  # type: ignore[method-assign]
-    coord.tell = timed_tell  # type: ignore[assignment]
+    glue.tell = timed_tell  # type: ignore[assignment]
 
-    suggest = coord.suggest_all  # define-by-run: the sampler does its work inside trial.suggest_* calls
+    suggest = coordinator.space.suggest  # define-by-run: the sampler does its work inside trial.suggest_* calls
 
-    def timed_suggest(trial: Any, *a: Any, **k: Any) -> Any:
+    def timed_suggest(trial: Any) -> Any:
         t0 = time.perf_counter()
-        out = suggest(trial, *a, **k)
+        out = suggest(trial)
         optuna_ms[trial.number] = optuna_ms.get(trial.number, 0.0) + (time.perf_counter() - t0) * 1000
         return out
 
-    coord.suggest_all = timed_suggest  # type: ignore[assignment]
+    coordinator.space.suggest = timed_suggest  # type: ignore[method-assign]
     try:
         coordinator.run()
     finally:
-        coord.suggest_all, coord.tell = suggest, tell  # type: ignore[assignment]
+        glue.tell = tell  # type: ignore[assignment]
     return {"started": started, "finished": finished, "durations": durations, "optuna_ms": optuna_ms}
 
 
@@ -181,7 +182,8 @@ def optuna_floor(db: str, n: int, sampler: str = "tpe") -> float:
     (TPE: multivariate, grouped, constant liar): the cost no orchestration can avoid."""
     import optuna
 
-    from optagent.coordinator import JobConfig, make_sampler, optuna_storage
+    from optagent.job import JobConfig
+    from optagent.search.study import make_sampler, optuna_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = JobConfig(model_path="floor", objectives=["accuracy:max", "latency_ms:min"], n_trials=n, sampler=sampler)
@@ -292,12 +294,12 @@ class InstantExecutor:
 
 
 def bench_scaling(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
-    from optagent.pipeline import run_trial
     from optagent.registry import build_registry
+    from optagent.trial import run_trial
 
     model = _model(tmp, 16)
     source = model.read_bytes()
-    result = run_trial({"trial": 0, "job": {"id": 0, "name": "bench"},
+    result = run_trial({"version": 1, "trial": 0, "job": {"id": 0, "name": "bench"},
                         "model": {"path": str(model), "sha256": hashlib.sha256(source).hexdigest()},
                         "params": {}, "strategies": [], "objectives": ["accuracy:max"], "seed": 0, "threads": 1,
                         "device": "cpu", "measure": NOOP_MEASURE})

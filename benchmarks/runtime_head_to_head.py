@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from optagent.measure import MeasureSettings, interleaved, speedup_band
-from optagent.pipeline import _batch, build
+from optagent.protocol import JobRef, ModelRef, TrialPayload
+from optagent.trial.measure import MeasureSettings, interleaved, speedup_band
+from optagent.trial.pipeline import _batch, build
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "digits_cnn.py"
 PRUNE = {"pruning": {"method": "structured", "amount": 0.3},
@@ -40,14 +41,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--amount", type=float, default=0.3, help="structured pruning amount before every variant")
     args = ap.parse_args()
-    base = {"trial": 1, "job": {"id": 0, "name": "h2h"},
-            "model": {"path": str(MODEL), "sha256": hashlib.sha256(MODEL.read_bytes()).hexdigest()},
-            "strategies": ["pruning", "finetune", "quantization", "runtime"],
-            "objectives": ["accuracy:max", "latency_ms:min"], "seed": 26, "threads": args.threads, "device": "cpu"}
+    base = TrialPayload(trial=1, job=JobRef(0, "h2h"),
+                        model=ModelRef(str(MODEL), hashlib.sha256(MODEL.read_bytes()).hexdigest()),
+                        strategies=["pruning", "finetune", "quantization", "runtime"],
+                        objectives=["accuracy:max", "latency_ms:min"], seed=26, threads=args.threads, device="cpu")
     models, accuracy = {}, {}
     for name, variant in VARIANTS.items():
         prune = {**PRUNE, "pruning": {**PRUNE["pruning"], "amount": args.amount}}
-        built = build({**base, "params": {**prune, **variant}})
+        built = build(base.replace(params={**prune, **variant}))
         models[name], accuracy[name] = built.model, built.model_file.evaluate(built.model)["accuracy"]
         baseline, mf, ctx = built.ctx.baseline, built.model_file, built.ctx
     batch = _batch(mf, mf.default_batch_size, ctx.device)

@@ -87,10 +87,10 @@ def remeasure(db: str, names: dict[str, int], threads: int) -> dict[str, float]:
     import torch
     from sqlmodel import Session
 
-    from optagent.coordinator import payload_for
-    from optagent.measure import MeasureSettings, interleaved
-    from optagent.pipeline import _batch, build
+    from optagent.job import payload_for
     from optagent.storage import engine_for, find_job, get_trial
+    from optagent.trial.measure import MeasureSettings, interleaved
+    from optagent.trial.pipeline import _batch, build
 
     torch.set_num_threads(threads)
     engine = engine_for(db)
@@ -98,7 +98,7 @@ def remeasure(db: str, names: dict[str, int], threads: int) -> dict[str, float]:
     for name, number in names.items():
         with Session(engine) as s:
             job = find_job(s, name)
-            payload = {**payload_for(job, get_trial(s, job.id, number)), "threads": threads}
+            payload = payload_for(job, get_trial(s, job.id, number)).replace(threads=threads)
         built = build(payload)
         models[name] = built.model
         baseline = built.ctx.baseline

@@ -36,77 +36,19 @@ from typing import TYPE_CHECKING, Any
 
 from optagent.errors import TrialFailed
 from optagent.hookspecs import hookimpl
+from optagent.plugins._precision import (
+    ENGINES,
+    INT8,
+    PRECISIONS,
+    calibration_batches,
+    engine_precisions,
+    low_precision_class,
+    ort_gpu_providers,
+)
 from optagent.strategy import Param, Params, SpaceContext, Stage, Strategy, TrialContext, categorical
 
 if TYPE_CHECKING:
     import torch
-
-ENGINES = ("eager", "compile", "onnxruntime")
-INT8 = ("dynamic_int8", "static_int8")
-PRECISIONS = ("none", "dynamic_int8", "static_int8", "fp16", "bf16")
-
-
-def _installed(*modules: str) -> bool:
-    import importlib.util
-
-    try:
-        return all(importlib.util.find_spec(m) is not None for m in modules)
-    except (ImportError, ValueError):
-        return False
-
-
-def compile_ok(device: str) -> bool:
-    """Inductor is there, and on CPU a C++ compiler for its generated kernels."""
-    import os
-    import shutil
-
-    if not _installed("torch._inductor"):
-        return False
-    return device == "cuda" or any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++"))
-
-
-def onnx_ok() -> bool:
-    return _installed("onnx", "onnxruntime", "onnxscript")
-
-
-def ort_gpu_providers() -> list[str]:
-    """ONNX Runtime's GPU execution providers present in this install (TensorRT first)."""
-    if not onnx_ok():
-        return []
-    import onnxruntime as ort
-
-    have = set(ort.get_available_providers())
-    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have]
-
-
-def offered_engines(ctx: SpaceContext) -> list[str]:
-    engines = ["eager"]
-    if compile_ok(ctx.capabilities.device):
-        engines.append("compile")
-    if onnx_ok():
-        engines.append("onnxruntime")
-    return engines
-
-
-def engine_precisions(ctx: SpaceContext) -> dict[str, list[str]]:
-    """For each engine offered here, the `quantization.mode` values it can serve on this worker."""
-    from optagent.plugins.quantization import int8_modes, offered_modes
-
-    caps = ctx.capabilities
-    cpu, cuda = caps.device == "cpu", caps.device == "cuda"
-    bf16 = (cpu and caps.cpu_bf16) or (cuda and caps.gpu_bf16)
-    out = {"eager": offered_modes(ctx)}
-    engines = offered_engines(ctx)
-    if "compile" in engines:
-        pt2e = cpu and caps.x86 and _installed("torchao")  # PT2E with the x86 Inductor quantizer
-        out["compile"] = ["none", *(int8_modes(ctx) if pt2e else []), *(["fp16"] if cuda else []),
-                          *(["bf16"] if bf16 else [])]
-    if "onnxruntime" in engines:
-        # onnxruntime.quantization's int8 kernels are CPU kernels; it has no CPU bf16 kernels
-        out["onnxruntime"] = ["none", *(int8_modes(ctx) if cpu else []),
-                              *(["fp16"] if cuda and ort_gpu_providers() else [])]
-    return out
-
 
 class RuntimeStrategy(Strategy):
     name = "runtime"
@@ -178,12 +120,6 @@ def _example(trial: TrialContext, model: torch.nn.Module) -> torch.Tensor:
     return torch.stack(xs).to(model_device(model, trial.device))
 
 
-def _calibration(trial: TrialContext, model: torch.nn.Module) -> Any:
-    from optagent.plugins.quantization import _calibration as batches
-
-    return batches(trial, model)
-
-
 def _max_diff(reference: torch.nn.Module, served: torch.nn.Module, example: torch.Tensor) -> float:
     import torch
 
@@ -197,9 +133,7 @@ def _max_diff(reference: torch.nn.Module, served: torch.nn.Module, example: torc
 def _cast_wrapper(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     import torch
 
-    from optagent.plugins.quantization import _low_precision_class
-
-    return _low_precision_class()(model, torch.bfloat16 if precision == "bf16" else torch.float16)
+    return low_precision_class()(model, torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _compiled(model: torch.nn.Module, params: Params, trial: TrialContext, precision: str) -> torch.nn.Module:
@@ -224,7 +158,8 @@ def _compiled(model: torch.nn.Module, params: Params, trial: TrialContext, preci
         import time
 
         started = time.perf_counter()
-        source = tc.pt2e_quantize(source, example, _calibration(trial, model), dynamic=precision == "dynamic_int8")
+        source = tc.pt2e_quantize(source, example, calibration_batches(trial, model),
+                                  dynamic=precision == "dynamic_int8")
         trial.extra_metrics["quantize_time_s"] = time.perf_counter() - started
     elif precision in ("bf16", "fp16"):
         source = _cast_wrapper(source, precision)
@@ -258,7 +193,7 @@ def _onnxruntime(model: torch.nn.Module, params: Params, trial: TrialContext, pr
     caps = trial.capabilities
     # without VNNI (or AMX) x86 int8 kernels saturate on full-range weights: quantize them to 7 bits
     reduce_range = caps.x86 and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(caps.cpu_flags)
-    served, seconds = _onnx.build(exported, example, precision, _calibration(trial, model), trial.threads,
+    served, seconds = _onnx.build(exported, example, precision, calibration_batches(trial, model), trial.threads,
                                   params.get("ort_level", "all"), providers, reduce_range=reduce_range)
     if reduce_range and precision in INT8:
         trial.notes.append("runtime: this CPU has no VNNI, so ONNX Runtime int8 weights use 7 bits (reduce_range) "

@@ -82,8 +82,9 @@ def payload(model: Path, number: int, *, inline: bool = False, **extra: Any) -> 
     spec = {"path": str(model), "sha256": hashlib.sha256(source).hexdigest(), "source_b64": None}
     if inline:  # a path the worker cannot have: the source must travel with the payload
         spec.update(path=f"/nonexistent/{model.name}", source_b64=base64.b64encode(source).decode())
-    return {"trial": number, "job": {"id": 1, "name": "test"}, "model": spec, "params": {}, "strategies": [],
-            "objectives": ["accuracy:max"], "seed": 0, "threads": 1, "device": "cpu", "measure": FAST, **extra}
+    return {"version": 1, "trial": number, "job": {"id": 1, "name": "test"}, "model": spec, "params": {},
+            "strategies": [], "objectives": ["accuracy:max"], "seed": 0, "threads": 1, "device": "cpu",
+            "measure": FAST, **extra}
 
 
 def poll_all(ex: CeleryExecutor, want: int, timeout: float) -> list[Outcome]:

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from optagent.confirm import combine
 from optagent.contract import sha256_bytes
-from optagent.pipeline import run_trial
+from optagent.protocol import VERSION
+from optagent.trial import run_trial
+from optagent.trial.confirm import combine
 
 TINY = Path(__file__).parent / "fixtures" / "tiny_model.py"
 
 
 def _payload(candidates: dict, processes: int = 1) -> dict:
-    return {"kind": "confirm", "trial": -1, "processes": processes, "job": {"id": 1, "name": "t"},
+    return {"version": VERSION, "kind": "confirm", "trial": -1, "processes": processes, "job": {"id": 1, "name": "t"},
             "model": {"path": str(TINY), "sha256": sha256_bytes(TINY.read_bytes()), "source_b64": None},
             "strategies": ["pruning"], "objectives": ["accuracy:max", "latency_ms:min"], "threads": 1,
             "device": "cpu", "seed": 0, "measure": {"warmup": 3, "min_time_s": 0.05, "max_time_s": 0.4},
@@ -159,7 +160,7 @@ def test_noise_band_covers_95_percent_of_fresh_measurements() -> None:
 
 
 def test_phase_noise_sees_a_ratio_that_moves_over_time_and_not_round_noise() -> None:
-    from optagent.confirm import _phase_noise
+    from optagent.trial.confirm import _phase_noise
 
     rng = random.Random(3)
     base = [10.0 * math.exp(rng.gauss(0, 0.03)) for _ in range(120)]

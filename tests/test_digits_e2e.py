@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from _sampling import seed_where
 
-from optagent.pareto import dominates
+from optagent.search.front import dominates
 
 ROOT = Path(__file__).resolve().parents[1]
 

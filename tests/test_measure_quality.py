@@ -8,7 +8,7 @@ import random
 import pytest
 
 from optagent.hardware import fingerprint
-from optagent.measure import (
+from optagent.trial.measure import (
     LatencyStats,
     MeasureSettings,
     Speedup,
@@ -75,7 +75,7 @@ def test_fingerprint_names_what_makes_figures_comparable() -> None:
 def test_calibration_puts_a_trial_on_the_jobs_reference_scale() -> None:
     """latency_ms = reference / paired speedup; tails, per-sample latency and throughput move by the same
     factor; the raw median is kept. The machine ran 10% slow here (baseline 11 against a reference of 10)."""
-    from optagent.measure import calibrate
+    from optagent.search.calibration import calibrate
 
     raw = {"latency_ms": 5.5, "latency_p90_ms": 6.6, "latency_p99_ms": 7.7, "latency_per_sample_ms": 5.5 / 8,
            "throughput": 8000 / 5.5, "baseline_latency_ms": 11.0, "speedup": 2.0, "batch_size": 8.0, "accuracy": 0.9}
@@ -97,7 +97,7 @@ def test_compute_holds_off_while_a_trial_times(tmp_path) -> None:
     """The host lock: a trial's compute step waits while another trial times, and goes on after."""
     import threading
 
-    from optagent.contract import computing, measure_exclusively
+    from optagent.trial.lock import computing, measure_exclusively
 
     lock = tmp_path / "measure.lock"
     entered = threading.Event()
@@ -117,7 +117,7 @@ def test_compute_holds_off_while_a_trial_times(tmp_path) -> None:
 
 
 def test_large_allocations_stay_on_the_heap_in_a_trial_process() -> None:
-    """glibc's mmap threshold is fixed high for trials (optagent.pipeline.steady_allocator), in a fresh process
+    """glibc's mmap threshold is fixed high for trials (optagent.trial.pipeline.steady_allocator), in a fresh process
     so this test's own interpreter is untouched: a 32 MiB block then comes from the heap, not from mmap."""
     import subprocess
     import sys
@@ -125,7 +125,7 @@ def test_large_allocations_stay_on_the_heap_in_a_trial_process() -> None:
 
     probe = textwrap.dedent("""
         import ctypes, sys
-        from optagent.pipeline import steady_allocator
+        from optagent.trial.pipeline import steady_allocator
         if not steady_allocator():
             print("no-glibc"); sys.exit(0)
         libc = ctypes.CDLL(None)

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from optagent.measure import LatencyStats, MeasureSettings, interleaved
-from optagent.pareto import dominates, front_of, insert
+from optagent.search.front import dominates, front_of, insert
+from optagent.trial.measure import LatencyStats, MeasureSettings, interleaved
 
 
 def test_incremental_front_equals_the_full_computation() -> None:

@@ -119,7 +119,7 @@ def test_a_worker_without_the_plugin_fails_the_trial_with_the_reason(distill_sea
                                                                     workdir: Path) -> None:
     from sqlmodel import Session
 
-    from optagent.coordinator import payload_for
+    from optagent.job import payload_for
     from optagent.storage import engine_for, find_job, get_trial
 
     number = next(t["number"] for t in distill_search["trials"]
@@ -129,10 +129,10 @@ def test_a_worker_without_the_plugin_fails_the_trial_with_the_reason(distill_sea
         row = get_trial(s, job.id, number)
         assert row is not None
         payload = payload_for(job, row)
-    code = ("import json, sys; from optagent.pipeline import run_trial; "
+    code = ("import json, sys; from optagent.trial import run_trial; "
             "print(json.dumps(run_trial(json.load(sys.stdin))))")
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(payload), capture_output=True, text=True,
-                          timeout=120, cwd=workdir, env={**os.environ, "OPTAGENT_PLUGINS": ""})
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(payload.to_json()), capture_output=True,
+                          text=True, timeout=120, cwd=workdir, env={**os.environ, "OPTAGENT_PLUGINS": ""})
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["state"] == "failed"

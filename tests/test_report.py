@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from optagent.cli import app
 from optagent.cli._progress import LineProgress, LiveProgress, make_progress
 from optagent.errors import UserError
-from optagent.report import hypervolume, hypervolume_history
+from optagent.search.front import hypervolume, hypervolume_history
 from optagent.storage import Trial, engine_for, find_job, get_trial, job_trials
 
 FIXTURES = Path(__file__).parent / "fixtures"

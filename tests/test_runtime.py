@@ -24,17 +24,11 @@ from _sampling import Points, seed_where
 from optagent.contract import ModelFile
 from optagent.errors import TrialFailed
 from optagent.hardware import Capabilities, detect
-from optagent.pipeline import run_trial
+from optagent.plugins._precision import compile_ok, engine_precisions, offered_engines, onnx_ok, ort_gpu_providers
 from optagent.plugins.quantization import QuantizationStrategy
-from optagent.plugins.runtime import (
-    RuntimeStrategy,
-    compile_ok,
-    engine_precisions,
-    offered_engines,
-    onnx_ok,
-    ort_gpu_providers,
-)
+from optagent.plugins.runtime import RuntimeStrategy
 from optagent.strategy import SpaceContext, TrialContext, suggest_all
+from optagent.trial import run_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 CPU = detect("cpu")
@@ -201,7 +195,7 @@ def test_unexportable_model_fails_its_trial_with_the_exporters_reason(tmp_path: 
     path = tmp_path / "model.py"
     path.write_text(UNEXPORTABLE)
     source = path.read_bytes()
-    payload = {"trial": 1, "job": {"id": 1, "name": "unexportable"},
+    payload = {"version": 1, "trial": 1, "job": {"id": 1, "name": "unexportable"},
                "model": {"path": str(path), "sha256": hashlib.sha256(source).hexdigest(), "source_b64": None},
                "params": {"runtime": {"engine": "onnxruntime", "ort_level": "all"}}, "strategies": ["runtime"],
                "objectives": ["accuracy:max", "latency_ms:min"], "seed": 0, "threads": 1, "device": "cpu",

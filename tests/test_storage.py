@@ -6,8 +6,9 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from optagent.coordinator import JobConfig, create_job
 from optagent.errors import UserError
+from optagent.job import JobConfig
+from optagent.search import create_job
 from optagent.storage import Trial, engine_for, find_job, get_trial, init_db, job_trials, normalize_url
 
 

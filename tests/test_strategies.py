@@ -16,11 +16,12 @@ import torch
 from optagent.contract import ModelFile
 from optagent.errors import TrialFailed
 from optagent.hardware import Capabilities, detect
+from optagent.plugins._precision import offered_modes
 from optagent.plugins.batch_size import BatchSizeStrategy
 from optagent.plugins.finetune import FinetuneStrategy, lr_factor
 from optagent.plugins.metrics import BUILTIN_METRICS, flops, model_size_mb, nonzero_params, param_count, peak_memory_mb
 from optagent.plugins.pruning import UNSTRUCTURED_NOTE, PruningStrategy
-from optagent.plugins.quantization import QuantizationStrategy, offered_modes
+from optagent.plugins.quantization import QuantizationStrategy
 from optagent.registry import build_registry, get_plugin_manager
 from optagent.strategy import Objective, SpaceContext, Stage, Strategy, TrialContext, flatten, suggest
 

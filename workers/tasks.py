@@ -1,4 +1,4 @@
-"""The one Celery task: run a trial payload with `optagent.pipeline.run_trial` and return its result JSON.
+"""The one Celery task: run a trial payload with `optagent.trial.run_trial` and return its result JSON.
 
 The trial runs in the prefork pool child itself. If the child dies (SIGKILL, OOM killer, a segfault in a
 kernel), late acknowledgement plus reject-on-worker-lost put the message back on the queue and another
@@ -24,13 +24,14 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import asdict
 from typing import Any
 
 from celery import Task, shared_task
 from celery import signals as celery_signals
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from optagent.executors._base import failed_result, worker_identity
+from optagent.protocol import WorkerInfo, failed_json
 from optagent.security import RedactingFilter, secret_from_env, secrets_in, signature_problem
 from optagent.workers.celery_app import HEARTBEAT_S, LEASE_TTL_S, RESULT_EXPIRES_S, TASK_NAME, keys, workers_key
 
@@ -189,7 +190,7 @@ def run_trial(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         problem = signature_problem(payload, secret)
         if problem:
             log.error("refused trial %s (task %s): %s", number, task_id, problem)
-            return failed_result(number, f"worker refused the payload: {problem}")
+            return failed_json(payload, f"worker refused the payload: {problem}")
     redis = self.backend.client
     k = keys(task_id)
     owner = _owner()
@@ -213,9 +214,9 @@ def run_trial(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         redis.delete(k["lease"])
         reason = f"trial killed its worker {attempt - 1} times; not retried after {limit} attempts"
         log.error("trial %s: %s", number, reason)
-        return failed_result(number, reason, worker=worker_identity(attempt))
+        return failed_json(payload, reason, worker=asdict(WorkerInfo.here(attempt)))
     log.info("trial %s: attempt %d of %d", number, attempt, limit)
-    from optagent.pipeline import run_trial as run  # torch stays out of the worker's parent process
+    from optagent.trial.entry import run_trial as run  # torch stays out of the worker's parent process
 
     global _held
     if _held is not None:  # pragma: no cover - an earlier task ended without after_return
@@ -224,7 +225,7 @@ def run_trial(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     try:
         result = run({**payload, "attempt": attempt})
     except SoftTimeLimitExceeded:  # raised outside the pipeline's own handler
-        result = failed_result(number, "trial exceeded its soft time limit", worker=worker_identity(attempt))
+        result = failed_json(payload, "trial exceeded its soft time limit", worker=asdict(WorkerInfo.here(attempt)))
     if str(result.get("failure_reason") or "").startswith("SoftTimeLimitExceeded"):
         limit_s = self.request.timelimit[1] if self.request.timelimit else None
         result["failure_reason"] = f"trial exceeded its soft time limit{f' of {limit_s:.0f} s' if limit_s else ''}"

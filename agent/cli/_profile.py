@@ -28,9 +28,9 @@ def _from_model_file(path: str, threads: int | None, device: str) -> tuple[Any, 
 def _from_trial(job_ident: str, number: int, db: str | None, threads: int | None) -> tuple[Any, ...]:
     from sqlmodel import Session
 
-    from optagent.coordinator import payload_for
-    from optagent.pipeline import build
+    from optagent.job import payload_for
     from optagent.storage import find_job, get_trial, init_db
+    from optagent.trial.pipeline import build
 
     engine = init_db(db)
     with Session(engine) as s:
@@ -44,7 +44,7 @@ def _from_trial(job_ident: str, number: int, db: str | None, threads: int | None
                         f"(`optagent status {job.name}`) or the model file itself")
     payload = payload_for(job, trial)
     if threads:
-        payload["threads"] = threads
+        payload = payload.replace(threads=threads)
     err.print(f"rebuilding trial {number} of job {job.name} ({trial.recipe or 'baseline'})...")
     try:
         built = build(payload)
@@ -69,9 +69,9 @@ def profile(
 ) -> None:
     """Where the time goes, per module and per operator (torch.profiler), and which strategies apply."""
     from optagent import hardware as hw
-    from optagent.pipeline import _batch
     from optagent.profile import advise, profile_model
     from optagent.registry import build_registry
+    from optagent.trial.pipeline import _batch
 
     if batch_size is not None and batch_size < 1:
         raise UserError("--batch-size must be at least 1")

@@ -1,7 +1,7 @@
 """Progress output for `optagent search`, on stderr (machine output stays on stdout).
 
-Two sinks for the coordinator's events (baseline_started, baseline, trial_started, trial_finished,
-job_finished): `LineProgress` prints one line per event (logs, pipes, CI); `LiveProgress` adds a rich
+Two sinks for the coordinator's events (job_created, baseline_started, baseline, trial_started,
+trial_finished, job_finished): `LineProgress` prints one line per event (logs, pipes, CI); `LiveProgress` adds a rich
 live panel on a terminal (trials done/running/failed of the budget, elapsed and ETA, the baseline, the
 best feasible value per objective, the Pareto size) above which the same lines scroll. `make_progress`
 picks one. A display error is logged and swallowed: progress output never stops a search.
@@ -35,21 +35,28 @@ def _clock(seconds: float | None) -> str:
 
 
 def _parse_objectives(objectives: list[str] | None) -> list[tuple[str, str]]:
-    parsed = []
-    for o in objectives or ["accuracy:max", "latency_ms:min"]:
-        name, _, direction = o.partition(":")
-        parsed.append((name, "max" if direction.lower().startswith("max") else "min"))
-    return parsed
+    from optagent.job import parse_objectives
+
+    return [(o.metric, "max" if o.direction == "maximize" else "min") for o in parse_objectives(objectives)]
+
+
+def _shown(objectives: list[tuple[str, str]], constraint: str | None) -> list[str]:
+    """The metrics a progress line shows: the constraint metric, then the objectives."""
+    names = ([constraint] if constraint else []) + [n for n, _ in objectives]
+    return list(dict.fromkeys(names))
 
 
 class LineProgress:
     """Prints a line per baseline, finished trial and job end; silent with quiet=True."""
 
-    def __init__(self, quiet: bool = False, console: Console | None = None):
+    def __init__(self, quiet: bool = False, console: Console | None = None, objectives: list[str] | None = None,
+                 constraint: str | None = None):
         self.quiet = quiet
         self.console = console or err
         self.started = time.monotonic()
         self.baseline: dict[str, float] = {}
+        self.objectives = _parse_objectives(objectives)
+        self.constraint = constraint
 
     def __enter__(self) -> LineProgress:
         return self
@@ -75,12 +82,22 @@ class LineProgress:
 
     def line(self, kind: str, data: dict[str, Any]) -> str | None:
         elapsed = time.monotonic() - self.started
+        shown = _shown(self.objectives, self.constraint)
+        if kind == "job_created":
+            cfg, job = data["config"], data["job"]
+            self.objectives = _parse_objectives(cfg.get("objectives"))
+            self.constraint = str(cfg.get("constraint_metric") or "").partition(":")[0] or None
+            where = ("celery" if cfg.get("executor") == "celery" else f"{cfg.get('workers', 1)} local worker(s)")
+            return (f"job {job['id']} ({job['name']}): {cfg.get('n_trials') or '∞'} trials, objectives "
+                    f"{', '.join(cfg.get('objectives') or [])}, strategies {', '.join(cfg.get('strategies') or [])}, "
+                    f"{where}, {cfg.get('threads')} thread(s) per trial; database {data.get('database')}")
         if kind == "baseline_started":
             return "measuring the baseline (trial 0; trains it first if it is not cached)..."
         if kind == "baseline":
             self.baseline = data["metrics"]
             m = self.baseline
-            return (f"[{elapsed:6.0f}s] baseline: accuracy {fmt(m.get('accuracy'))}, latency "
+            figures = ", ".join(f"{n} {fmt(m.get(n))}" for n in shown if n != "latency_ms")
+            return (f"[{elapsed:6.0f}s] baseline: {figures}, latency "
                     f"{fmt(m.get('latency_ms'))} ms at batch {fmt(m.get('batch_size'))} "
                     f"(self-speedup {fmt(m.get('speedup'), 3)}, the noise floor)")
         if kind == "trial_finished":
@@ -88,11 +105,11 @@ class LineProgress:
             done = c["complete"] + c["failed"]
             head = f"[{elapsed:6.0f}s] trial {t['number']:>3} ({done}/{c['budget'] or '∞'})"
             if t["state"] != "complete":
-                return f"{head} failed: {t['failure_reason']}"
+                return f"{head} {t['state']}: {t['failure_reason']}"
             m = t["metrics"]
             flag = "front" if t["on_front"] else ("ok" if t["feasible"] else "infeasible")
-            return (f"{head} accuracy {fmt(m.get('accuracy'))} latency {fmt(m.get('latency_ms'))} ms "
-                    f"speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}")
+            figures = " ".join(f"{n} {fmt(m.get(n))}" + (" ms" if n == "latency_ms" else "") for n in shown)
+            return f"{head} {figures} speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}"
         if kind == "confirm_started":
             runs = data.get("processes", 1)
             at_once = data.get("parallel", 1)
@@ -118,9 +135,8 @@ class LiveProgress(LineProgress):
     """A rich live panel on a terminal; finished trials still scroll above it as lines."""
 
     def __init__(self, objectives: list[str] | None = None, budget: int | None = None,
-                 timeout_s: float | None = None, console: Console | None = None):
-        super().__init__(quiet=False, console=console)
-        self.objectives = _parse_objectives(objectives)
+                 timeout_s: float | None = None, console: Console | None = None, constraint: str | None = None):
+        super().__init__(quiet=False, console=console, objectives=objectives, constraint=constraint)
         self.budget, self.timeout_s = budget, timeout_s
         self.phase = "starting"
         self.search_started: float | None = None
@@ -259,9 +275,11 @@ class LiveProgress(LineProgress):
 
 
 def make_progress(quiet: bool = False, objectives: list[str] | None = None, budget: int | None = None,
-                  timeout_s: float | None = None, console: Console | None = None) -> LineProgress:
+                  timeout_s: float | None = None, console: Console | None = None,
+                  constraint: str | None = None) -> LineProgress:
     """The live panel when stderr is a terminal, plain lines otherwise (silent with quiet=True)."""
     console = console or err
     if quiet or not console.is_terminal or console.is_dumb_terminal:
-        return LineProgress(quiet=quiet, console=console)
-    return LiveProgress(objectives=objectives, budget=budget, timeout_s=timeout_s, console=console)
+        return LineProgress(quiet=quiet, console=console, objectives=objectives, constraint=constraint)
+    return LiveProgress(objectives=objectives, budget=budget, timeout_s=timeout_s, console=console,
+                        constraint=constraint)

@@ -9,7 +9,8 @@ from rich.table import Table
 from sqlmodel import Session, select
 
 from optagent.cli._common import DbOpt, JobArg, JsonOpt, fmt, out, print_json
-from optagent.coordinator import job_dict, trial_dict
+from optagent.job import JobConfig
+from optagent.search.records import job_dict, trial_dict
 from optagent.storage import Job, Trial, find_job, init_db, job_trials, utcnow
 
 
@@ -30,7 +31,7 @@ def baseline_of(trials: list[Trial]) -> Trial | None:
 def pareto_rows(job: Job, trials: list[Trial]) -> list[dict[str, Any]]:
     """The Pareto trials with their changes against the baseline, best speedup first."""
     base = baseline_of(trials)
-    metric = job.config.get("constraint_metric", "accuracy")
+    metric = JobConfig.of(job).constraint_name
     rows = []
     for t in trials:
         if not t.on_front:
@@ -55,7 +56,7 @@ def _summary(job: Job, trials: list[Trial]) -> dict[str, Any]:
         "running": sum(t.state == "running" for t in searched),
         "queued": sum(t.state == "queued" for t in searched),
         "cancelled": sum(t.state == "cancelled" for t in searched),
-        "budget": job.config.get("n_trials"),
+        "budget": JobConfig.of(job).n_trials,
         "best_feasible_speedup": best,
         "pareto_size": sum(t.on_front for t in trials),
     }
@@ -64,8 +65,8 @@ def _summary(job: Job, trials: list[Trial]) -> dict[str, Any]:
 def print_pareto(job: Job, trials: list[Trial]) -> None:
     rows = pareto_rows(job, trials)
     base = baseline_of(trials)
-    metric = job.config.get("constraint_metric", "accuracy")
-    objectives = [o.split(":")[0] for o in job.config.get("objectives", [])]
+    cfg = JobConfig.of(job)
+    metric, objectives = cfg.constraint_name, cfg.objective_names
     shown = list(dict.fromkeys([metric, *objectives, "latency_ms", "model_size_mb"]))
     table = Table(title=f"Pareto front of job {job.name} ({len(rows)} trials; speedup = interleaved with the "
                         "baseline in the same process)", title_justify="left")

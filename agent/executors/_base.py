@@ -1,25 +1,12 @@
 """The executor protocol between the coordinator and whatever runs trials.
 
 The coordinator is the only process that talks to Optuna and the database. It hands an executor a
-*payload* (plain JSON, see `optagent.pipeline.run_trial`) and later collects *results* (plain JSON):
-
-result = {
-    "trial": int,                    # the trial number the payload carried
-    "state": "complete" | "failed",
-    "metrics": {name: float},        # every evaluation metric and measurement
-    "samples": {name: [float]},      # raw latency samples (ms), candidate and interleaved baseline
-    "failure_reason": str | None,
-    "notes": [str],                  # strategy notes, e.g. "unstructured sparsity saves no latency"
-    "duration_s": float,
-    "hardware": {...},               # optagent.hardware.fingerprint()
-    "worker": {"host": str, "pid": int, "gpu": str | None, "attempt": int},
-}
+*payload* and later collects *results*, both plain JSON as defined in `optagent.protocol`; a worker
+runs the payload with `optagent.trial.run_trial`.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -51,16 +38,3 @@ class Executor(Protocol):
 
     def close(self) -> None:
         """Release processes and connections."""
-
-
-def worker_identity(attempt: int = 1) -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES") or None, "attempt": attempt}
-
-
-def failed_result(number: int, reason: str, *, duration_s: float = 0.0, worker: dict[str, Any] | None = None,
-                  hardware: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A result for a trial that produced no measurement (the reason is shown to the user)."""
-    return {"trial": number, "state": "failed", "metrics": {}, "samples": {}, "failure_reason": reason,
-            "notes": [], "duration_s": duration_s, "hardware": hardware or {},
-            "worker": worker or worker_identity()}

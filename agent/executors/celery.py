@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from optagent.contract import sha256_bytes
 from optagent.errors import UserError
-from optagent.executors._base import Outcome, failed_result
+from optagent.executors._base import Outcome
+from optagent.protocol import TrialResult
 from optagent.security import redact_url, secret_from_env, sign_payload
 
 if TYPE_CHECKING:
@@ -269,8 +270,8 @@ class CeleryExecutor:
     def _limits_for(self, payload: dict[str, Any]) -> tuple[float, float]:
         from optagent.workers.celery_app import time_limits
 
-        soft, hard = payload.get("soft_time_limit_s"), payload.get("time_limit_s")
-        return time_limits(soft, hard) if soft or hard else self._limits
+        hard = payload.get("time_limit_s")
+        return time_limits(None, hard) if hard else self._limits
 
     def _subscribe(self) -> None:
         """One pattern subscription for all of this job's result keys (the backend publishes each result)."""
@@ -318,11 +319,15 @@ class CeleryExecutor:
         if meta["status"] == "SUCCESS" and isinstance(result, dict):
             return {**result, "trial": number}
         if meta["status"] == "REVOKED":
-            return failed_result(number, "trial was revoked on the workers")
+            return _failed(number, "trial was revoked on the workers")
         exc = result if isinstance(result, dict) else {}
         kind, message = exc.get("exc_type", "error"), exc.get("exc_message", result)
         if kind == "TimeLimitExceeded":
-            return failed_result(number, f"trial exceeded its hard time limit ({message} s); the worker killed it")
+            return _failed(number, f"trial exceeded its hard time limit ({message} s); the worker killed it")
         if kind == "WorkerLostError":
-            return failed_result(number, f"the worker running the trial died: {message}")
-        return failed_result(number, f"worker task failed: {kind}: {message}")
+            return _failed(number, f"the worker running the trial died: {message}")
+        return _failed(number, f"worker task failed: {kind}: {message}")
+
+
+def _failed(number: int, reason: str) -> dict[str, Any]:
+    return TrialResult.failed(number, reason, worker={}).to_json()

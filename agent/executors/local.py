@@ -15,13 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from optagent.executors._base import Outcome, failed_result
+from optagent.executors._base import Outcome
+from optagent.protocol import failed_json
 
-_PRELOAD = ["torch", "optagent.pipeline", "optagent.registry", "optagent.plugins"]
+_PRELOAD = ["torch", "optagent.trial.entry", "optagent.trial.pipeline", "optagent.registry", "optagent.plugins"]
 
 
 def _child(payload: dict[str, Any], conn: mpc.Connection) -> None:
-    from optagent.pipeline import run_trial
+    from optagent.trial.entry import run_trial
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
     try:
@@ -37,6 +38,7 @@ class _Running:
     started: float
     deadline: float | None
     limit: float | None
+    payload: dict[str, Any]
 
 
 def _death_reason(exitcode: int | None) -> str:
@@ -72,7 +74,7 @@ class LocalExecutor:
         child.close()
         now = time.monotonic()
         limit = payload.get("time_limit_s") or self.time_limit_s
-        self._running[number] = _Running(process, parent, now, now + limit if limit else None, limit)
+        self._running[number] = _Running(process, parent, now, now + limit if limit else None, limit, payload)
 
     def in_flight(self) -> set[int]:
         return set(self._running)
@@ -96,11 +98,11 @@ class LocalExecutor:
                     result = None
             if result is None and not r.process.is_alive():
                 r.process.join(timeout=1)
-                result = failed_result(number, _death_reason(r.process.exitcode), duration_s=now - r.started)
+                result = failed_json(r.payload, _death_reason(r.process.exitcode), duration_s=now - r.started)
             if result is None and r.deadline is not None and now > r.deadline:
                 r.process.kill()
                 r.process.join(timeout=5)
-                result = failed_result(number, f"trial exceeded its time limit of {r.limit:.0f} s "
+                result = failed_json(r.payload, f"trial exceeded its time limit of {r.limit:.0f} s "
                                        "(raise --trial-timeout)", duration_s=now - r.started)
             if result is not None:
                 r.process.join(timeout=5)

@@ -19,12 +19,8 @@ confirmed speedup is the geometric mean of its per-process speedups, and
     between processes; candidates whose ratio, taken within each process, is within the noise share a
     tie group.
 
-payload = the usual trial fields (model, strategies, objectives, threads, device, measure, job) plus
-    "kind": "confirm", "trial": -1, "processes": int (default CONFIRM_PROCESSES), "parallel": int,
-    "candidates": {"<trial number>": {"params": {strategy: {param: value}}, "seed": int,
-                                      "speedup_low": float, "speedup_high": float (its search-time band)}}
-
-`python -m optagent.confirm PAYLOAD.json RESULT.json` is one such process.
+The payload is an `optagent.protocol.ConfirmPayload`; the answer a `ConfirmResult`.
+`python -m optagent.trial.confirm PAYLOAD.json RESULT.json` is one such process.
 """
 
 from __future__ import annotations
@@ -38,9 +34,12 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
+
+from optagent.errors import TrialFailed, UserError, describe
+from optagent.protocol import ConfirmPayload, ConfirmResult, TrialPayload, WorkerInfo, parse_payload
 
 # Confirmation compares several candidates at once, so it takes more rounds than a single trial.
 CONFIRM_MIN_REPS = 60
@@ -49,51 +48,48 @@ CONFIRMATION = 0.95
 CONFIRM_PROCESSES = 3
 
 
-def _reason(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
-
-
-def confirm(payload: dict[str, Any], worker: dict[str, Any] | None = None) -> dict[str, Any]:
+def confirm(payload: ConfirmPayload, worker: dict[str, Any] | None = None) -> ConfirmResult:
     """Run the confirmation in `processes` fresh processes and combine them.
 
     The processes run one after another, or `parallel` at a time when the payload times under the
     host lock (`exclusive_measure`: local workers), where one process's build waits while another times.
     """
-    from optagent.errors import TrialFailed
-
-    processes = int(payload.get("processes") or CONFIRM_PROCESSES)
+    processes = int(payload.processes or CONFIRM_PROCESSES)
     if processes <= 1:
-        return confirm_in_process(payload, worker)
-    if not payload.get("candidates"):
+        return _as_result(confirm_in_process(payload, worker))
+    if not payload.candidates:
         raise TrialFailed("confirmation payload has no candidates")
     started = time.perf_counter()
-    limit = payload.get("time_limit_s")
-    parallel = max(1, int(payload.get("parallel") or 1)) if payload.get("exclusive_measure") else 1
+    limit = payload.time_limit_s
+    parallel = max(1, int(payload.parallel or 1)) if payload.exclusive_measure else 1
     outcomes = _in_fresh_processes(payload, processes, parallel,
                                    started + float(limit) if limit else None)
     runs = [o for o in outcomes if isinstance(o, dict)]
     failures = [f"process {i + 1}: {o}" for i, o in enumerate(outcomes) if isinstance(o, str)]
     if not runs:
         raise TrialFailed("every confirmation process failed: " + "; ".join(failures))
-    searched = {str(n): (float(c["speedup_low"]), float(c["speedup_high"]))
-                for n, c in payload["candidates"].items() if c.get("speedup_low") and c.get("speedup_high")}
+    searched = {str(n): (float(c.speedup_low), float(c.speedup_high))
+                for n, c in payload.candidates.items() if c.speedup_low and c.speedup_high}
     result = combine(runs, searched=searched)
     result["notes"] = [f"confirmation {f}" for f in failures]
     result["duration_s"] = time.perf_counter() - started
     result["worker"] = worker or {}
-    return result
+    return _as_result(result)
 
 
-def _in_fresh_processes(payload: dict[str, Any], processes: int, parallel: int,
+def _as_result(data: dict[str, Any]) -> ConfirmResult:
+    known = {f.name for f in fields(ConfirmResult)}
+    return ConfirmResult(**{k: v for k, v in data.items() if k in known})
+
+
+def _in_fresh_processes(payload: ConfirmPayload, processes: int, parallel: int,
                         deadline: float | None) -> list[dict[str, Any] | str]:
     """Each confirmation in a new interpreter on this host (same environment, so the same GPU), at most
     `parallel` at once: per process, its result, or why it gave none."""
     outcomes: dict[int, dict[str, Any] | str] = {}
     with tempfile.TemporaryDirectory(prefix="optagent-confirm-") as tmp:
         src = Path(tmp) / "payload.json"
-        src.write_text(json.dumps(payload))  # `main` runs it as one process
+        src.write_text(json.dumps(payload.to_json()))  # `main` runs it as one process
         waiting = list(range(processes))
         running: dict[int, subprocess.Popen[bytes]] = {}
         try:
@@ -101,7 +97,8 @@ def _in_fresh_processes(payload: dict[str, Any], processes: int, parallel: int,
                 while waiting and len(running) < parallel:
                     i = waiting.pop(0)
                     log = (Path(tmp) / f"stderr-{i}").open("w")
-                    cmd = [sys.executable, "-m", "optagent.confirm", str(src), str(Path(tmp) / f"result-{i}.json")]
+                    cmd = [sys.executable, "-m", "optagent.trial.confirm", str(src),
+                           str(Path(tmp) / f"result-{i}.json")]
                     running[i] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                   stderr=log)
                     log.close()
@@ -148,7 +145,7 @@ def _phase_noise(reference: list[float] | tuple[float, ...],
     consecutive blocks; the variance of the block medians less each block median's own sampling variance
     (0.8 IQR / sqrt(n), the normal approximation) is that phase component.
     """
-    from optagent.measure import paired_ratios
+    from optagent.trial.measure import paired_ratios
 
     logs = [math.log(r) for r in paired_ratios(reference, candidate) if r > 0]
     blocks = min(PHASE_BLOCKS, len(logs) // MIN_BLOCK_ROUNDS)
@@ -176,7 +173,7 @@ def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION,
     """Combine single-process confirmations (`confirm_in_process` results) of the same candidates;
     `searched` has each candidate's search-time speedup band (low, high), whose width is part of the
     noise of that measurement."""
-    from optagent.measure import MIN_EFFECT, Speedup, tie_groups
+    from optagent.trial.measure import MIN_EFFECT, Speedup, tie_groups
 
     searched = searched or {}
     numbers = sorted({n for run in runs for n in run["confirmations"]}, key=int)
@@ -250,33 +247,32 @@ def combine(runs: list[dict[str, Any]], confidence: float = CONFIRMATION,
     }
 
 
-def confirm_in_process(payload: dict[str, Any], worker: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rebuild and time every candidate interleaved with the baseline in this process."""
-    from optagent.errors import TrialFailed, UserError
-    from optagent.measure import MIN_EFFECT, MeasureSettings, speedup_band, tie_groups
-    from optagent.pipeline import _batch, build, time_models
+def confirm_in_process(payload: ConfirmPayload, worker: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rebuild and time every candidate interleaved with the baseline in this process (one run, as JSON)."""
+    from optagent.trial.measure import MIN_EFFECT, MeasureSettings, speedup_band, tie_groups
+    from optagent.trial.pipeline import _batch, build, time_models
 
     started = time.perf_counter()
-    candidates: dict[str, dict[str, Any]] = {str(k): v for k, v in (payload.get("candidates") or {}).items()}
+    candidates = dict(payload.candidates)
     if not candidates:
         raise TrialFailed("confirmation payload has no candidates")
-    settings = MeasureSettings.from_json(payload.get("measure"))
+    settings = MeasureSettings.from_json(payload.measure)
     measure = {**settings.to_json(), "min_reps": max(settings.min_reps, CONFIRM_MIN_REPS)}
+    common = {f.name: getattr(payload, f.name) for f in fields(TrialPayload) if hasattr(payload, f.name)}
 
     confirmations: dict[str, dict[str, Any]] = {}
     models: dict[int, dict[str, Any]] = {}  # inference batch size -> {number: model}
     baseline = mf = device = None
     hardware: dict[str, Any] = {}
     for number, spec in candidates.items():
-        sub = {**payload, "kind": "trial", "trial": int(number), "params": spec.get("params") or {},
-               "seed": int(spec.get("seed", payload.get("seed", 0)))}
+        sub = TrialPayload(**{**common, "trial": int(number), "params": spec.params or {}, "seed": int(spec.seed)})
         try:
             built = build(sub, (worker or {}).get("host"))
         except (TrialFailed, UserError) as exc:
             confirmations[number] = {"error": str(exc)}
             continue
         except Exception as exc:  # one candidate failing to rebuild does not void the others
-            confirmations[number] = {"error": _reason(exc)}
+            confirmations[number] = {"error": describe(exc)}
             continue
         if baseline is None:
             baseline, mf, device = built.ctx.baseline, built.model_file, built.ctx.device
@@ -290,13 +286,13 @@ def confirm_in_process(payload: dict[str, Any], worker: dict[str, Any] | None = 
     bands = {}
     for bs, group in sorted(models.items()):
         batch = _batch(mf, bs, device)
-        stats = time_models({"baseline": baseline, **group}, batch, {**payload, "measure": measure}, device,
-                            int(payload.get("seed", 0)))
+        stats = time_models({"baseline": baseline, **group}, batch, measure, payload.exclusive_measure, device,
+                            int(payload.seed))
         base = stats["baseline"]
         samples[str(bs)] = {name: list(s.samples_ms) for name, s in stats.items()}
         for number in group:
             band = speedup_band(base.samples_ms, stats[number].samples_ms, CONFIRMATION,
-                                seed=int(payload.get("seed", 0)))
+                                seed=int(payload.seed))
             bands[number] = band
             phase_var, phase_df = _phase_noise(base.samples_ms, stats[number].samples_ms)
             confirmations[number] = {
@@ -329,15 +325,22 @@ def _exit_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m optagent.confirm PAYLOAD.json RESULT.json`: one confirmation process."""
-    from optagent.pipeline import run_trial
+    """`python -m optagent.trial.confirm PAYLOAD.json RESULT.json`: one confirmation process."""
+    from optagent.trial.pipeline import steady_allocator
 
     if len(argv) != 2:
-        print("usage: python -m optagent.confirm PAYLOAD.json RESULT.json", file=sys.stderr)
+        print("usage: python -m optagent.trial.confirm PAYLOAD.json RESULT.json", file=sys.stderr)
         return 2
     _exit_with_parent()
-    payload = json.loads(Path(argv[0]).read_text())
-    result = run_trial({**payload, "processes": 1})
+    steady_allocator()
+    payload = parse_payload(json.loads(Path(argv[0]).read_text()))
+    assert isinstance(payload, ConfirmPayload)
+    try:
+        result = confirm_in_process(payload, asdict(WorkerInfo.here()))
+    except (TrialFailed, UserError) as exc:
+        result = {"state": "failed", "failure_reason": str(exc)}
+    except Exception as exc:
+        result = {"state": "failed", "failure_reason": describe(exc)}
     Path(argv[1]).write_text(json.dumps(result))
     return 0
 

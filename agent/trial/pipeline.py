@@ -1,20 +1,9 @@
-"""One trial, start to finish: the function every executor runs (local process or Celery worker).
-
-payload = {
-    "trial": int,                        # trial number (0 = the baseline)
-    "job": {"id": int, "name": str},
-    "model": {"path": str, "sha256": str, "source_b64": str | None},   # source travels to remote workers
-    "params": {strategy: {param: value}},   # every selected strategy; {} or off params = untouched
-    "strategies": [str],                 # strategies the job uses, in the job's order
-    "objectives": ["accuracy:max", ...],
-    "seed": int, "threads": int, "device": "auto" | "cpu" | "cuda",
-    "measure": {...},                    # optagent.measure.MeasureSettings fields
-    "exclusive_measure": bool,           # hold a host-wide lock while timing (local workers share cores)
-}
+"""One trial, start to finish: build the trial's model from its recipe, then measure it.
 
 The pipeline: load the baseline -> configure every strategy -> apply them stage by stage (compress,
-fine-tune, quantize, deploy) -> evaluate on the held-out split -> time the result interleaved with the
-baseline at the trial's batch size -> plugin metrics. Any exception becomes a failed result with a reason.
+fine-tune, quantize, deploy) -> time the result interleaved with the baseline at the trial's batch size
+-> evaluate on the held-out split -> plugin metrics. `build` alone (no measurement) is what `optagent
+export`, `apply`, `profile` and the confirmation pass use to rebuild exactly the model a trial measured.
 """
 
 from __future__ import annotations
@@ -23,31 +12,29 @@ import base64
 import contextlib
 import logging
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
-from optagent.errors import TrialFailed, UserError
-from optagent.executors._base import failed_result, worker_identity
+from optagent.errors import TrialFailed
+from optagent.protocol import ModelRef, TrialPayload, TrialResult
 
 log = logging.getLogger(__name__)
 
 
-def _load_model_file(spec: dict[str, Any]) -> Any:
+def _load_model_file(spec: ModelRef) -> Any:
     from pathlib import Path
 
     from optagent.contract import ModelFile, sha256_bytes
 
-    path = spec["path"]
-    if spec.get("source_b64"):
-        source = base64.b64decode(spec["source_b64"])
+    path = spec.path
+    if spec.source_b64:
+        source = base64.b64decode(spec.source_b64)
     elif Path(path).is_file():
         source = Path(path).read_bytes()
     else:
         raise TrialFailed(f"model file {path} is not on this worker and the job did not carry its source")
-    if sha256_bytes(source) != spec["sha256"]:
+    if sha256_bytes(source) != spec.sha256:
         raise TrialFailed(f"model file {path} changed since the job started (hash mismatch); "
                           "start a new job or restore the file")
     return ModelFile.from_source(source, path)
@@ -92,32 +79,6 @@ def steady_allocator() -> bool:
     return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
 
 
-def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run one trial and return its result dict (never raises for trial-level failures)."""
-    number = int(payload["trial"])
-    started = time.perf_counter()
-    steady_allocator()
-    hardware: dict[str, Any] = {}
-    worker = worker_identity(int(payload.get("attempt", 1)))
-    try:
-        if payload.get("kind") == "confirm":
-            from optagent.confirm import confirm
-
-            return confirm(payload, worker)
-        return _run(payload, number, started, worker, hardware)
-    except (TrialFailed, UserError) as exc:
-        reason = str(exc)
-    except MemoryError:
-        reason = "out of memory"
-    except Exception as exc:  # a strategy or the model file failed: record why, keep the search going
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
-        reason = f"{type(exc).__name__}: {exc}{where}"
-        log.debug("trial %s failed", number, exc_info=True)
-    return failed_result(number, reason, duration_s=time.perf_counter() - started, worker=worker,
-                         hardware=hardware)
-
-
 @dataclass
 class Built:
     """A trial's model, built from its recipe, and what is needed to measure or export it."""
@@ -129,7 +90,7 @@ class Built:
     hardware: dict[str, Any]
 
 
-def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
+def build(payload: TrialPayload, worker_host: str | None = None) -> Built:
     """Load the baseline and apply the payload's strategies stage by stage (no measurement).
 
     Deterministic under the payload's seed, so `optagent apply`, `profile` and the confirmation pass
@@ -143,36 +104,36 @@ def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
     from optagent.registry import build_registry
     from optagent.strategy import Objective, SpaceContext, Stage, TrialContext
 
-    threads = int(payload.get("threads") or 1)
+    threads = int(payload.threads or 1)
     torch.set_num_threads(threads)
-    seed = int(payload.get("seed", 0))
+    seed = int(payload.seed)
     torch.manual_seed(seed)
     compute: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
-    if payload.get("exclusive_measure"):  # local workers share cores: compute yields to a trial that times
-        from optagent.contract import cache_dir, computing
+    if payload.exclusive_measure:  # local workers share cores: compute yields to a trial that times
+        from optagent.trial.lock import computing
 
-        compute = partial(computing, cache_dir() / "measure.lock")
+        compute = computing
     # loading is compute too (plugin and model-file imports, data, weights: a second or two of CPU): a trial
     # timing meanwhile measured int8 models 3-8% slower against its baseline than they are
     with compute():
-        caps = hw.detect(payload.get("device", "auto"))
+        caps = hw.detect(payload.device)
         fingerprint = hw.fingerprint(threads, caps)
         device = torch.device(caps.device)
 
         registry = build_registry(log_warnings=False)  # the CLI or `optagent worker` has shown them
-        params: dict[str, dict[str, Any]] = payload.get("params") or {}
-        names = list(payload.get("strategies") or params)
+        params: dict[str, dict[str, Any]] = payload.params or {}
+        names = list(payload.strategies or params)
         missing = [name for name in names if name not in registry.strategies]
         if missing:
             raise TrialFailed(f"strategy {', '.join(missing)} is not installed on worker host "
                               f"{worker_host or socket.gethostname()}; install the plugin there (same versions "
                               "as the coordinator)")
 
-        mf = _load_model_file(payload["model"])
+        mf = _load_model_file(payload.model)
         baseline = mf.load_model().to(device)
         model = mf.load_model().to(device)
     space = SpaceContext(capabilities=caps,
-                         objectives=tuple(Objective.parse(o) for o in payload.get("objectives", [])),
+                         objectives=tuple(Objective.parse(o) for o in payload.objectives),
                          default_batch_size=mf.default_batch_size)
     ctx = TrialContext(model_file=mf, baseline=baseline, device=device, capabilities=caps, params=params,
                        seed=seed, threads=threads)
@@ -191,24 +152,24 @@ def build(payload: dict[str, Any], worker_host: str | None = None) -> Built:
     return Built(model, ctx, mf, registry, fingerprint)
 
 
-def time_models(models: dict[str, Any], batch: Any, payload: dict[str, Any], device: Any, seed: int = 0) -> Any:
-    """Interleaved timing of several models on one batch, under the host lock when asked for."""
-    from optagent.contract import cache_dir, measure_exclusively
-    from optagent.measure import MeasureSettings, interleaved
+def time_models(models: dict[str, Any], batch: Any, measure: dict[str, Any], exclusive: bool, device: Any,
+                seed: int = 0) -> Any:
+    """Interleaved timing of several models on one batch, under the host lock when `exclusive`."""
+    from optagent.trial.lock import measure_exclusively
+    from optagent.trial.measure import MeasureSettings, interleaved
 
-    settings = MeasureSettings.from_json(payload.get("measure"))
-    exclusive = payload.get("exclusive_measure")
-    lock = measure_exclusively(cache_dir() / "measure.lock") if exclusive else contextlib.nullcontext()
+    settings = MeasureSettings.from_json(measure)
+    lock = measure_exclusively() if exclusive else contextlib.nullcontext()
     calls = {name: (lambda m=m: m(batch)) for name, m in models.items()}
     with lock:
         return interleaved(calls, settings, device, seed)
 
 
-def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str, Any],
-         hardware: dict[str, Any]) -> dict[str, Any]:
+def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware: dict[str, Any]) -> TrialResult:
+    """Build the trial's model and measure it (hardware is filled in as soon as it is known)."""
     import math
 
-    from optagent.measure import speedup_band
+    from optagent.trial.measure import speedup_band
 
     built = build(payload, worker["host"])
     hardware.update(built.hardware)
@@ -221,7 +182,8 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
     # the confirmation pass, which does not evaluate
     bs = ctx.infer_batch_size
     batch = _batch(mf, bs, device)
-    stats = time_models({"candidate": model, "baseline": baseline}, batch, payload, device, ctx.seed)
+    stats = time_models({"candidate": model, "baseline": baseline}, batch, payload.measure, payload.exclusive_measure,
+                        device, ctx.seed)
     cand, base = stats["candidate"], stats["baseline"]
     band = speedup_band(base.samples_ms, cand.samples_ms, seed=ctx.seed)
 
@@ -253,17 +215,10 @@ def _run(payload: dict[str, Any], number: int, started: float, worker: dict[str,
                 continue
             if math.isfinite(value):
                 metrics[metric.name] = value
-    return {
-        "trial": number,
-        "state": "complete",
-        "capabilities": ctx.capabilities.to_json(),
-        "model_info": {"default_batch_size": mf.default_batch_size, "has_conv": _has(baseline, "Conv"),
-                       "has_linear": _has(baseline, "Linear")},
-        "metrics": metrics,
-        "samples": {"latency_ms": list(cand.samples_ms), "baseline_latency_ms": list(base.samples_ms)},
-        "failure_reason": None,
-        "notes": ctx.notes,
-        "duration_s": time.perf_counter() - started,
-        "hardware": hardware,
-        "worker": worker,
-    }
+    return TrialResult(
+        trial=payload.trial, state="complete", metrics=metrics,
+        samples={"latency_ms": list(cand.samples_ms), "baseline_latency_ms": list(base.samples_ms)},
+        notes=ctx.notes, duration_s=time.perf_counter() - started, hardware=hardware, worker=worker,
+        capabilities=ctx.capabilities.to_json(),
+        model_info={"default_batch_size": mf.default_batch_size, "has_conv": _has(baseline, "Conv"),
+                    "has_linear": _has(baseline, "Linear")})

@@ -149,38 +149,6 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], settings: MeasureSetting
     return {name: LatencyStats.of(v) for name, v in samples.items()}
 
 
-def reference_key(host: str, gpu: str | None, batch: int) -> str:
-    """Which reference latency applies: one per worker host (and GPU) and batch size."""
-    return f"{host}/{gpu or 'cpu'}/{batch}"
-
-
-def calibrate(metrics: Mapping[str, float], reference_ms: float | None = None) -> dict[str, float]:
-    """A trial's latencies on the job's reference scale (docs/metrics.md, "calibration").
-
-    `latency_ms` becomes the reference baseline latency over the trial's paired `speedup`: a slow phase of
-    the machine, or a slower process, moves the candidate and its interleaved baseline alike, so the
-    paired ratio survives it and the raw median does not. The tails, per-sample latency and throughput
-    follow by the same factor; the raw median is kept as `latency_measured_ms`. Without a reference
-    (the first trial on a worker at a batch size) the trial's own interleaved baseline is the reference.
-    Metrics without a positive speedup, or already calibrated, come back unchanged.
-    """
-    out = dict(metrics)
-    measured, ratio, base = out.get("latency_ms"), out.get("speedup"), out.get("baseline_latency_ms")
-    if "latency_reference_ms" in out or not measured or not ratio or not base or ratio <= 0 or measured <= 0:
-        return out
-    reference = reference_ms if reference_ms and reference_ms > 0 else base
-    latency = reference / ratio
-    factor = latency / measured
-    out.update(latency_ms=latency, latency_measured_ms=measured, latency_reference_ms=reference,
-               baseline_drift=base / reference - 1.0)
-    for key in ("latency_p90_ms", "latency_p99_ms", "latency_per_sample_ms"):
-        if key in out:
-            out[key] = out[key] * factor
-    if "throughput" in out:
-        out["throughput"] = out["throughput"] / factor
-    return out
-
-
 @contextlib.contextmanager
 def _quiet_gc() -> Iterator[None]:
     """No garbage-collection pauses inside timed calls: collect once, then disable until timing ends."""

@@ -1,6 +1,6 @@
 """The conformance suite for plugin authors: subclass, override one fixture, run pytest.
 
-    from optagent.testing import StrategyConformance
+    from optagent.testing.conformance import StrategyConformance
 
     class TestMyStrategy(StrategyConformance):
         @pytest.fixture
@@ -365,19 +365,21 @@ class StrategyConformance:
                                           space_context: SpaceContext) -> None:
         """A real trial in a fresh process (as the coordinator sends it), finding the strategy by name."""
         from optagent.contract import sha256_bytes
-        from optagent.coordinator import JobConfig, make_payload
         from optagent.executors.local import LocalExecutor
+        from optagent.job import JobConfig, make_payload
+        from optagent.protocol import JobRef, ModelRef
 
         params = next((p for p in self.sampled_points(strategy, space_context)
                        if not strategy.is_off(p, space_context)), strategy.off_params(space_context))
         cfg = JobConfig(model_path=str(model_file_path), strategies=[strategy.name], threads=1, device="cpu",
                         measure=dict(FAST_MEASURE), trial_timeout_s=self.worker_timeout_s)
-        payload = make_payload(cfg, {"id": 0, "name": "conformance"}, str(model_file_path),
-                               sha256_bytes(model_file_path.read_bytes()), 1, {strategy.name: _json_roundtrip(params)})
-        payload = _json_roundtrip(payload)  # exactly what travels to a Celery worker
+        payload = make_payload(cfg, JobRef(0, "conformance"),
+                               ModelRef(str(model_file_path), sha256_bytes(model_file_path.read_bytes())), 1,
+                               {strategy.name: _json_roundtrip(params)})
+        message = _json_roundtrip(payload.to_json())  # exactly what travels to a Celery worker
         executor = LocalExecutor(workers=1, time_limit_s=self.worker_timeout_s)
         try:
-            executor.submit(1, payload)
+            executor.submit(1, message)
             deadline = time.monotonic() + self.worker_timeout_s + 30
             outcomes: list[Any] = []
             while not outcomes and time.monotonic() < deadline:

@@ -1,0 +1,327 @@
+"""The search coordinator: the one process that calls Optuna ask/tell and writes the database.
+
+Workers (local processes or Celery) only compute: a payload in, a result out (optagent.protocol). Keeping
+a single writer makes SQLite safe, keeps the sampler's state in one place (Optuna does not store it) and
+makes failure handling explicit: a result is told once (`skip_if_finished`), a crashed trial is failed
+with its reason, and the coordinator itself can be restarted (`optagent resume`) from what the database
+holds. The loop is here; its collaborators are the space (what to sample), the goal (objectives and the
+constraint), the records (rows), the references (latency scale), the study glue and the executor.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from optagent.errors import UserError
+from optagent.executors import Executor
+from optagent.job import JobConfig, JobStatus, make_payload
+from optagent.protocol import ConfirmResult, JobRef, ModelRef, TrialPayload, TrialResult, parse_result
+from optagent.registry import Registry
+from optagent.search import front as fronts
+from optagent.search import recovery
+from optagent.search import study as glue
+from optagent.search.calibration import References
+from optagent.search.confirmation import confirmation_payload, store_confirmation
+from optagent.search.records import Records, job_dict, result_fields, trial_dict
+from optagent.search.space import SearchSpace
+from optagent.storage import Job, Trial, utcnow
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class Cancelled(Exception):
+    """`optagent cancel` asked the job to stop."""
+
+
+class Coordinator:
+    """Runs (or resumes) one job to the end of its budget."""
+
+    HEARTBEAT_S = 5.0
+
+    def __init__(self, engine: Any, url: str, job_id: int, registry: Registry, executor: Executor,
+                 on_event: EventSink | None = None, hooks: Any = None):
+        self.registry, self.executor = registry, executor
+        self.on_event = on_event or (lambda kind, data: None)
+        self.hooks = hooks if hooks is not None else registry.pm.hook
+        self.records = Records(engine, job_id)
+        job = self.records.job()
+        self.job_id, self.job_name = job_id, job.name
+        self.model = ModelRef(job.model_path, job.model_hash)
+        self.cfg = JobConfig.of(job)
+        self.goal = fronts.Goal(self.cfg)
+        self.space = SearchSpace(registry, self.cfg.strategies, self.goal.objectives)
+        self.references = References()
+        self.study = glue.open_study(url, job.study_name, self.cfg, {
+            # what optuna-dashboard shows about the job (it does not read Optuna 5's named constraints)
+            "optagent_job": self.job_name, "model_path": job.model_path, "model_sha256": job.model_hash,
+            "constraint": self.goal.describe()})
+        self._front: dict[int, list[float]] = {}
+        self._live: dict[int, optuna.trial.Trial] = {}
+        self._dispatched: dict[int, tuple[dict[str, Any], str]] = {}  # number -> (params, recipe) until told
+        self._finished: set[int] = set()  # searched trials told to Optuna
+        self._failed = 0
+        self._job_json = job_dict(job)
+        self._last_beat = 0.0
+        self._plugins = {name: info.version or "" for name, info in registry.plugins.items()}
+
+    # -- small helpers --------------------------------------------------------------------------------
+    def _emit(self, kind: str, **data: Any) -> None:
+        try:
+            self.on_event(kind, data)
+        except Exception:  # progress output must never stop a search
+            log.debug("progress sink failed", exc_info=True)
+
+    def payload(self, number: int, params: dict[str, dict[str, Any]]) -> TrialPayload:
+        if self.cfg.executor != "local" and self.model.source_b64 is None:
+            source = base64.b64encode(Path(self.model.path).read_bytes()).decode()
+            self.model = ModelRef(self.model.path, self.model.sha256, source)
+        return make_payload(self.cfg, JobRef(self.job_id, self.job_name), self.model, number, params, self._plugins)
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat > self.HEARTBEAT_S:
+            self._last_beat = now
+            if self.records.update_job(heartbeat_at=utcnow()).status == JobStatus.CANCELLING:
+                raise Cancelled()
+
+    def _wait_for(self, number: int, timeout: float = 1.0) -> dict[str, Any]:
+        """Poll until trial `number` reports (other outcomes are told as they come)."""
+        while True:
+            for outcome in self.executor.poll(timeout):
+                if outcome.number == number:
+                    return outcome.result
+                if outcome.number > 0:
+                    self._tell(outcome.number, outcome.result)
+            self._beat()
+
+    def counts(self) -> dict[str, int]:
+        """Progress counters, kept in memory so a long search does not re-read every trial per step."""
+        return {"complete": len(self._finished) - self._failed, "failed": self._failed,
+                "running": len(self.executor.in_flight()), "budget": self.cfg.n_trials or 0,
+                "front": len(self._front)}
+
+    def _update_front(self, number: int, values: list[float]) -> None:
+        changed = fronts.insert(self._front, number, values, self.goal.signs)
+        if changed:
+            self.records.set_front(changed, self._front)
+
+    # -- the baseline ---------------------------------------------------------------------------------
+    def _run_baseline(self) -> None:
+        """Trial 0: every strategy off, measured exactly like every other trial; then added to the study."""
+        row = self.records.row(0)
+        if row is None or row.state != "complete":
+            self.records.dispatched(0, {}, "baseline")
+            self.executor.submit(0, self.payload(0, {}).to_json())
+            self._emit("baseline_started")
+            result = TrialResult.from_json(self._wait_for(0))
+            result.metrics = self.references.calibrated(result.metrics, result.worker)
+            if result.state != "complete":
+                self.records.store_result(0, result, values=None, feasible=None)
+                raise UserError(f"the baseline trial failed: {result.failure_reason or 'unknown'}; fix the model file "
+                                f"(try `optagent check {self.model.path}`)")
+            missing = self.goal.missing(result.metrics)
+            if missing:
+                reason = (f"metric {', '.join(missing)} is not measured; measured metrics: "
+                          f"{', '.join(sorted(result.metrics))}; pick objectives/--constraint-metric from these")
+                result.state, result.failure_reason = "failed", reason
+                self.records.store_result(0, result, None, None)
+                raise UserError(reason)
+            self.space.setup(result.capabilities or {}, result.model_info)
+            values = self.goal.values(result.metrics)
+            self.records.store_result(0, result, values=values, feasible=True)
+            metrics = result.metrics
+        else:
+            self.space.setup(row.hardware.get("capabilities") or {}, row.hardware.get("model_info"))
+            self.references.note(row.metrics, row.worker)
+            values, metrics = row.values, row.metrics
+        assert values is not None
+        self.goal.baseline = {k: float(v) for k, v in metrics.items()}
+        if not any(t.number == 0 or t.user_attrs.get("optagent_number") == 0 for t in self.study.get_trials()):
+            flat, dists = self.space.point(self.space.off())
+            glue.add_known_trial(self.study, flat, dists, values, {"optagent_number": 0, "baseline": True})
+        self._update_front(0, values)
+        self.study.set_user_attr("baseline_metrics", self.goal.baseline)
+        self._emit("baseline", metrics=self.goal.baseline)
+
+    # -- ask and tell ----------------------------------------------------------------------------------
+    def _ask(self) -> None:
+        trial = self.study.ask()
+        params = self.space.suggest(trial)
+        self._live[trial.number] = trial
+        # sent first, recorded while the worker picks it up; a crash in between leaves a RUNNING Optuna trial
+        # without a row, which resume recovers (recovery.recover_unrecorded)
+        self.executor.submit(trial.number, self.payload(trial.number, params).to_json())
+        recipe = self.space.recipe(params)
+        self.records.dispatched(trial.number, params, recipe, new=True)
+        self._dispatched[trial.number] = (params, recipe)
+        self._emit("trial_started", number=trial.number, params=params)
+        self.hooks.optagent_trial_started(job=self._job_json, trial={"number": trial.number, "params": params})
+
+    def _tell(self, number: int, raw: dict[str, Any]) -> None:
+        if number in self._finished:
+            return  # a duplicate (redelivered) result: the first one counts
+        parsed = parse_result(raw)
+        result = parsed if isinstance(parsed, TrialResult) else TrialResult.failed(number, "unexpected reply")
+        result.metrics = self.references.calibrated(result.metrics, result.worker) if result.state == "complete" \
+            else result.metrics
+        values = self.goal.values(result.metrics) if result.state == "complete" else None
+        if result.state == "complete" and values is None:
+            missing = self.goal.missing(result.metrics)
+            result.state, result.failure_reason = "failed", f"objective metric {', '.join(missing)} missing"
+        feasible = self.goal.constraint(result.metrics) <= 0 if values is not None else None
+        fields = result_fields(result, values, feasible)
+        if number not in self._dispatched:  # sent by an earlier coordinator
+            sent = self.records.row(number)
+            self._dispatched[number] = (sent.params, sent.recipe) if sent else ({}, "")
+        params, recipe = self._dispatched.pop(number)
+        row = Trial(job_id=self.job_id, number=number, params=params, recipe=recipe, **fields)
+        live = self._live.pop(number, None)
+        self._tell_study(live or glue.trial_handle(self.study, number), row, self.records.result_update(number, fields))
+        self._finished.add(number)
+        self._failed += values is None
+        if feasible and values is not None:
+            self._update_front(number, values)
+            row.on_front = number in self._front
+        self._emit("trial_finished", trial=trial_dict(row), counts=self.counts())
+        self.hooks.optagent_trial_finished(job=self._job_json, trial=trial_dict(row))
+
+    def _tell_study(self, trial: optuna.trial.Trial, row: Trial, *statements: Any) -> None:
+        """Tell Optuna a result, with its constraint and what optuna-dashboard shows for it (one user
+        attribute), in one transaction with `statements` (the result row's update)."""
+        shown: dict[str, Any] = {"optagent_number": row.number, "recipe": row.recipe}
+        system: dict[str, Any] = {}
+        if row.values is not None:
+            c = self.goal.constraint(row.metrics)
+            system[glue.CONSTRAINT_ATTR] = c  # what Trial.set_constraint stores (it re-reads all attrs)
+            shown.update(feasible=c <= 0, **{glue.CONSTRAINT: c},
+                         **{k: row.metrics[k] for k in ("speedup", "model_size_mb") if k in row.metrics})
+        else:
+            shown["failure_reason"] = str(row.failure_reason)[:1000]
+        written = glue.stage_and_tell(self.study, trial, row.values, statements=statements, system=system,
+                                      user={"optagent": shown})
+        if not written and statements:  # Optuna had it finished already: store it alone
+            with self.records.engine.begin() as conn:
+                for statement in statements:
+                    conn.execute(statement)
+
+    # -- resume -----------------------------------------------------------------------------------------
+    def _resume_in_flight(self) -> None:
+        """After a coordinator restart: send again every trial the database says was dispatched."""
+        rows = self.records.searched()
+        if recovery.recover_unrecorded(self.study, self.records, {r.number for r in rows}, self.space.rebuild,
+                                       self.space.recipe):
+            rows = self.records.searched()
+        found = recovery.survey(self.study, rows)
+        for row in found.in_flight:
+            self.executor.submit(row.number, self.payload(row.number, row.params).to_json())
+        for row in found.finished:
+            self._finished.add(row.number)
+            self._failed += row.state != "complete"
+            self.references.note(row.metrics, row.worker)
+            if row.feasible and row.values is not None:
+                self._update_front(row.number, row.values)
+        for row in found.untold:  # stored, but the tell was lost: tell now
+            self._tell_study(glue.trial_handle(self.study, row.number), row)
+
+    # -- the job ------------------------------------------------------------------------------------------
+    def run(self) -> Job:
+        job = self.records.update_job(status=JobStatus.RUNNING, started_at=self.records.job().started_at or utcnow(),
+                                      error=None)
+        self.hooks.optagent_job_started(job=job_dict(job))
+        deadline = time.monotonic() + self.cfg.timeout_s if self.cfg.timeout_s else None
+        status, error = JobStatus.COMPLETED, None
+        try:
+            self._run_baseline()
+            self._resume_in_flight()
+            self._search(deadline)
+            if self.cfg.confirm:
+                self._confirm()
+        except Cancelled:
+            status, error = JobStatus.CANCELLED, "cancelled by `optagent cancel`"
+            self._abandon_in_flight()
+        except KeyboardInterrupt:
+            status, error = JobStatus.INTERRUPTED, "interrupted; `optagent resume` continues it"
+        except UserError as exc:
+            status, error = JobStatus.FAILED, str(exc)
+            self._abandon_in_flight()
+        except Exception as exc:  # a bug or a lost server: the job says so instead of staying `running`
+            status, error = JobStatus.FAILED, f"{type(exc).__name__}: {exc}"
+            self._abandon_in_flight(quiet=True)
+            self._finish(status, error)
+            raise
+        finally:
+            self.executor.close()
+        job = self._finish(status, error)
+        if status == JobStatus.FAILED:
+            raise UserError(error or "the job failed")
+        return job
+
+    def _finish(self, status: JobStatus, error: str | None) -> Job:
+        job = self.records.update_job(status=status, error=error, finished_at=utcnow())
+        self._job_json = job_dict(job)
+        front = [trial_dict(t) for t in self.records.front_rows()]
+        self.hooks.optagent_job_finished(job=self._job_json, pareto=front)
+        self._emit("job_finished", job=self._job_json, pareto=front)
+        return job
+
+    def _search(self, deadline: float | None) -> None:
+        budget = self.cfg.n_trials
+        while True:
+            self._beat()
+            finished = len(self._finished)
+            inflight = self.executor.in_flight()
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if (budget is not None and finished >= budget) or (out_of_time and not inflight):
+                return
+            while (not out_of_time and len(inflight) < self.executor.capacity
+                   and (budget is None or finished + len(inflight) < budget)):
+                self._ask()
+                inflight = self.executor.in_flight()
+            for outcome in self.executor.poll(0.5):
+                self._tell(outcome.number, outcome.result)
+
+    def _abandon_in_flight(self, quiet: bool = False) -> None:
+        """Cancel or fail: stop in-flight trials and fail them in the study. (Interrupted: leave them; Celery
+        workers finish them and `optagent resume` collects the results.)"""
+        try:
+            self.executor.cancel()
+            for number in self.records.abandon():
+                if number > 0:
+                    glue.fail(self.study, self._live.pop(number, None) or glue.trial_handle(self.study, number))
+            for trial in self._live.values():  # asked, but the send failed before it had a row
+                glue.fail(self.study, trial)
+            self._live.clear()
+        except Exception:
+            if not quiet:
+                raise
+            log.debug("could not abandon in-flight trials", exc_info=True)
+
+    def _confirm(self) -> None:
+        """Re-measure the Pareto trials interleaved with the baseline in fresh processes (optagent.trial.confirm):
+        the speedups shown at the end are those ratios with their noise band, and ties are called ties."""
+        candidates = {n: row for n, row in ((n, self.records.row(n)) for n in sorted(self._front) if n > 0) if row}
+        if not candidates:
+            return
+        payload = confirmation_payload(self.cfg, self.payload(-1, {}), candidates)
+        self._emit("confirm_started", trials=sorted(candidates), processes=payload.processes,
+                   parallel=payload.parallel)
+        self.executor.submit(-1, payload.to_json())
+        result = ConfirmResult.from_json(self._wait_for(-1))
+        if result.state != "complete":
+            log.warning("confirmation pass failed: %s", result.failure_reason)
+            self._emit("confirmed", ok=False, reason=result.failure_reason)
+            return
+        store_confirmation(self.records, self.references, result)
+        self._emit("confirmed", ok=True, confirmations=result.confirmations, notes=result.notes)
+
+    def pareto_rows(self) -> list[Trial]:
+        return self.records.front_rows()

@@ -1,0 +1,234 @@
+"""What the quantization and runtime strategies share: precisions, int8 backends, engines and their pairs.
+
+Precision follows the runtime: the `quantization` strategy says *what* precision to serve; the `runtime`
+strategy decides *how* (see optagent.plugins.runtime). Both declare their space from the same table,
+`engine_precisions`, which says which precision modes each engine can serve on the worker, so a pair no
+runtime can serve is never sampled. Neither strategy imports the other; both import this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from optagent.errors import TrialFailed
+from optagent.plugins._util import model_device, quiet_torch_ao, to_device
+from optagent.strategy import SpaceContext, TrialContext
+
+if TYPE_CHECKING:
+    import torch
+
+    from optagent.hardware import Capabilities
+
+INT8_MODES = ("dynamic_int8", "static_int8")
+CALIBRATION_SAMPLES = 512  # observers settle long before this; more only costs time
+
+
+class _Backend(Protocol):
+    """An integer-quantization implementation. Models in and out are eval-mode float/int8 modules."""
+
+    name: str
+
+    def available(self, caps: Capabilities) -> bool:
+        """Whether this backend can produce int8 models that run on this machine."""
+
+    def dynamic_int8(self, model: torch.nn.Module, engine: str) -> torch.nn.Module:
+        """int8 weights, activations quantized on the fly per call (Linear/LSTM/GRU layers)."""
+
+    def static_int8(self, model: torch.nn.Module, example: torch.Tensor, calibration: Iterable[Any],
+                    engine: str) -> torch.nn.Module:
+        """int8 weights (per-channel) and activations, ranges observed on the calibration batches."""
+
+
+class TorchAOBackend:
+    """torch.ao.quantization: eager `quantize_dynamic` and FX graph mode `prepare_fx`/`convert_fx`."""
+
+    name = "torch.ao"
+
+    def available(self, caps: Capabilities) -> bool:
+        """The worker's torch has a quantized CPU engine (its capabilities list the engines torch.ao has);
+        decided without importing torch, since the coordinator declares the space."""
+        return caps.int8_engine is not None
+
+    def dynamic_int8(self, model: torch.nn.Module, engine: str) -> torch.nn.Module:
+        import torch
+        from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+        torch.backends.quantized.engine = engine
+        # per-channel weights for Linear; recurrent layers only have per-tensor dynamic kernels
+        qconfig = {torch.nn.Linear: per_channel_dynamic_qconfig, torch.nn.LSTM: default_dynamic_qconfig,
+                   torch.nn.GRU: default_dynamic_qconfig}
+        with quiet_torch_ao():
+            return quantize_dynamic(model, qconfig, dtype=torch.qint8)
+
+    def static_int8(self, model: torch.nn.Module, example: torch.Tensor, calibration: Iterable[Any],
+                    engine: str) -> torch.nn.Module:
+        import torch
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        torch.backends.quantized.engine = engine
+        with quiet_torch_ao():
+            try:
+                prepared = prepare_fx(model, get_default_qconfig_mapping(engine), (example,))
+            except Exception as exc:
+                raise TrialFailed(
+                    f"static int8 needs a torch.fx-traceable model and {type(model).__name__} is not: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; dynamic_int8 or "
+                    "bf16 may still apply (make forward() free of data-dependent Python control flow to "
+                    "enable static int8)") from exc
+            with torch.inference_mode():
+                for inputs in calibration:
+                    prepared(inputs)
+            return convert_fx(prepared)
+
+
+BACKENDS: dict[str, _Backend] = {"torch.ao": TorchAOBackend()}
+
+
+def available_backends(caps: Capabilities) -> list[str]:
+    return [name for name, backend in BACKENDS.items() if backend.available(caps)]
+
+
+def low_precision_class() -> type:
+    """The fp16/bf16 wrapper module, defined on first use so importing this plugin does not import torch.
+
+    It is published as the module attribute `LowPrecision`, so wrapped models pickle and deep-copy.
+    """
+    cls = globals().get("LowPrecision")
+    if cls is not None:
+        return cls
+    import torch
+
+    class LowPrecision(torch.nn.Module):
+        """Runs `inner` in fp16/bf16 while callers keep sending and receiving float32 tensors."""
+
+        def __init__(self, inner: torch.nn.Module, dtype: torch.dtype):
+            super().__init__()
+            self.inner = inner.to(dtype)
+            self.dtype = dtype
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            args, kwargs = _cast(args, self.dtype), _cast(kwargs, self.dtype)
+            return _cast(self.inner(*args, **kwargs), torch.float32)
+
+        def extra_repr(self) -> str:
+            return f"dtype={self.dtype}"
+
+    LowPrecision.__module__, LowPrecision.__qualname__ = __name__, "LowPrecision"
+    globals()["LowPrecision"] = LowPrecision
+    return LowPrecision
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: lets pickle find LowPrecision before first use
+    if name == "LowPrecision":
+        return low_precision_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Cast floating tensors (inside tuples/lists/dicts too) to `dtype`; integer tensors (ids) stay."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple | list):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+def int8_modes(ctx: SpaceContext) -> list[str]:
+    """The int8 modes the model's layers allow: dynamic needs Linear layers, static conv or Linear ones."""
+    return (["dynamic_int8"] if ctx.has_linear else []) + (["static_int8"] if ctx.has_conv or ctx.has_linear else [])
+
+
+def offered_modes(ctx: SpaceContext) -> list[str]:
+    """The precision modes this hardware and the installed backends can run (always including "none")."""
+    caps = ctx.capabilities
+    modes = ["none"]
+    if caps.device == "cpu" and available_backends(caps):
+        modes += int8_modes(ctx)
+    if caps.device == "cuda":
+        modes.append("fp16")
+    if (caps.device == "cpu" and caps.cpu_bf16) or (caps.device == "cuda" and caps.gpu_bf16):
+        modes.append("bf16")
+    return modes
+
+
+def calibration_batches(trial: TrialContext, model: torch.nn.Module) -> Iterable[Any]:
+    """Input batches from the calibration split, up to CALIBRATION_SAMPLES samples."""
+    device = model_device(model, trial.device)
+    seen = 0
+    for inputs, _targets in trial.model_file.loader("calibration", min(64, CALIBRATION_SAMPLES)):
+        if seen >= CALIBRATION_SAMPLES:
+            break
+        seen += len(inputs)
+        yield to_device(inputs, device)
+
+
+
+ENGINES = ("eager", "compile", "onnxruntime")
+INT8 = ("dynamic_int8", "static_int8")
+PRECISIONS = ("none", "dynamic_int8", "static_int8", "fp16", "bf16")
+
+
+def _installed(*modules: str) -> bool:
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in modules)
+    except (ImportError, ValueError):
+        return False
+
+
+def compile_ok(device: str) -> bool:
+    """Inductor is there, and on CPU a C++ compiler for its generated kernels."""
+    import os
+    import shutil
+
+    if not _installed("torch._inductor"):
+        return False
+    return device == "cuda" or any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++"))
+
+
+def onnx_ok() -> bool:
+    return _installed("onnx", "onnxruntime", "onnxscript")
+
+
+def ort_gpu_providers() -> list[str]:
+    """ONNX Runtime's GPU execution providers present in this install (TensorRT first)."""
+    if not onnx_ok():
+        return []
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in have]
+
+
+def offered_engines(ctx: SpaceContext) -> list[str]:
+    engines = ["eager"]
+    if compile_ok(ctx.capabilities.device):
+        engines.append("compile")
+    if onnx_ok():
+        engines.append("onnxruntime")
+    return engines
+
+
+def engine_precisions(ctx: SpaceContext) -> dict[str, list[str]]:
+    """For each engine offered here, the `quantization.mode` values it can serve on this worker."""
+    caps = ctx.capabilities
+    cpu, cuda = caps.device == "cpu", caps.device == "cuda"
+    bf16 = (cpu and caps.cpu_bf16) or (cuda and caps.gpu_bf16)
+    out = {"eager": offered_modes(ctx)}
+    engines = offered_engines(ctx)
+    if "compile" in engines:
+        pt2e = cpu and caps.x86 and _installed("torchao")  # PT2E with the x86 Inductor quantizer
+        out["compile"] = ["none", *(int8_modes(ctx) if pt2e else []), *(["fp16"] if cuda else []),
+                          *(["bf16"] if bf16 else [])]
+    if "onnxruntime" in engines:
+        # onnxruntime.quantization's int8 kernels are CPU kernels; it has no CPU bf16 kernels
+        out["onnxruntime"] = ["none", *(int8_modes(ctx) if cpu else []),
+                              *(["fp16"] if cuda and ort_gpu_providers() else [])]
+    return out
