@@ -28,7 +28,7 @@ def test_digits_search_finds_a_faster_model_within_the_constraint(tmp_path: Path
          "--strategies", "quantization", "--sampler", "random", "--seed", str(seed), "--threads", "2",
          "--confirm-processes", "1",
          "--db", f"sqlite:///{tmp_path / 'digits.db'}", "--json"],
-        capture_output=True, text=True, env=env, timeout=600)
+        capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     trials = out["trials"]

@@ -25,7 +25,7 @@ CLI = [sys.executable, "-m", "optagent.cli"]
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
 
-def cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -100,7 +100,7 @@ def test_a_worker_killed_mid_trial_costs_a_rerun_not_a_trial(setup: tuple[Any, d
         time.sleep(0.1)
     assert victim is not None, "no trial started"
     os.kill(victim, signal.SIGKILL)  # the pool process evaluating that trial dies, as under the OOM killer
-    out, err = coordinator.communicate(timeout=300)
+    out, err = coordinator.communicate(timeout=900)
     assert coordinator.returncode == 0, err
     st = assert_exactly_once(name, postgres_url, env, 5)
     assert any(t["worker"].get("attempt", 1) >= 2 for t in st["trials"]), "the killed trial ran again"

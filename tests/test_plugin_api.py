@@ -29,7 +29,7 @@ SEARCH_SEED, SEARCH_TRIALS = 6, 3
 
 
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None,
-        timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*OPTAGENT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 

@@ -23,7 +23,7 @@ OPTAGENT = [sys.executable, "-m", "optagent.cli"]
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*OPTAGENT, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+    return subprocess.run([*OPTAGENT, *args], cwd=cwd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OPTAGENT_CACHE_DIR": str(cwd / "cache")})
 
 
