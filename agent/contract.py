@@ -5,7 +5,8 @@ A model file defines four functions (docs/model-contract.md has the full text an
     load_model() -> torch.nn.Module          the trained baseline (train once and cache; see cached_weights)
     load_data() -> optagent.Data             train / eval (held-out) / optional calibration and test sets
     evaluate(model, loader) -> dict          metrics over a DataLoader of (inputs, targets) batches
-    example_input() -> torch.Tensor          one batch; its first dimension is the default serving batch
+    example_input() -> batch                 one batch (a tensor, a tuple of tensors or a dict of named
+                                             tensors); its first dimension is the default serving batch
 
 and optionally ``loss(outputs, targets) -> Tensor`` for recovery fine-tuning (default: cross-entropy).
 """
@@ -102,7 +103,7 @@ class ModelFile:
         self.module, self.path, self.sha256 = module, path, sha256
         self._model: torch.nn.Module | None = None
         self._data: Data | None = None
-        self._example: torch.Tensor | None = None
+        self._example: Any = None
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -159,17 +160,33 @@ class ModelFile:
     def data(self) -> Data:
         if self._data is None:
             raw = self.module.load_data()
-            self._data = raw if isinstance(raw, Data) else Data(**raw)
+            if isinstance(raw, Data):
+                self._data = raw
+            elif isinstance(raw, dict) and {"train", "eval"} <= set(raw) <= set(Data.__dataclass_fields__):
+                self._data = Data(**raw)
+            else:
+                raise UserError(f"load_data() returned {type(raw).__name__}; return optagent.Data(train=..., "
+                                "eval=...) (or a dict with train and eval keys) of torch Datasets")
         return self._data
 
-    def example_input(self) -> torch.Tensor:
+    def example_input(self) -> Any:
         if self._example is None:
             self._example = self.module.example_input()
         return self._example
 
     @property
     def default_batch_size(self) -> int:
-        return int(self.example_input().shape[0])
+        from optagent.inputs import batch_size
+
+        return batch_size(self.example_input())
+
+    def batch(self, size: int, device: Any = None, split: str = "eval") -> Any:
+        """A real input batch of `size` samples from a split (cycled through if it is smaller), in the
+        form the model takes (a tensor, tuple or dict; see optagent.inputs), on `device`."""
+        from optagent import inputs as ins
+
+        data = getattr(self.data(), split)
+        return ins.to(ins.collate([data[i % len(data)][0] for i in range(size)]), device)
 
     def loader(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> DataLoader:
         import torch
@@ -207,8 +224,18 @@ class Problem:
 
 
 def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
-    """Validate a model file piece by piece, naming each problem and its fix (`optagent check`)."""
+    """Validate a model file piece by piece, naming each problem and its fix (`optagent check`).
+
+    Checked: the four functions exist and run; load_model() returns a Module; load_data() returns Data of
+    non-empty map-style data sets of (input, target) pairs; example_input() is one batch (a tensor, tuple
+    or dict of tensors, batch >= 1) of the same form as the eval samples (structure, dtypes and shapes
+    apart from the batch); the model runs on it; evaluate() returns finite floats under names that are not
+    optagent's own measurements.
+    """
     import torch
+
+    from optagent import inputs as ins
+    from optagent.metrics import RESERVED
 
     problems: list[Problem] = []
     try:
@@ -220,7 +247,8 @@ def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
         try:
             return fn()
         except Exception as exc:
-            problems.append(Problem(piece, f"raised {type(exc).__name__}: {exc}", fix))
+            message = str(exc).split(";")[0] if isinstance(exc, UserError) else f"raised {type(exc).__name__}: {exc}"
+            problems.append(Problem(piece, message, fix))
             return None
 
     model = attempt("load_model()", mf.load_model, "make load_model() return the trained torch.nn.Module")
@@ -229,6 +257,7 @@ def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
                                 "return the model object itself (weights loaded, eval mode)"))
         model = None
     data = attempt("load_data()", mf.data, "return optagent.Data(train=..., eval=...) of torch Datasets")
+    sample = None
     if data is not None:
         for split in ("train", "eval"):
             ds = getattr(data, split, None)
@@ -242,19 +271,34 @@ def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
                 item = attempt(f"load_data().{split}[0]", first, "make items (input, target)")
                 if item is not None and not (isinstance(item, tuple | list) and len(item) == 2):
                     problems.append(Problem(f"load_data().{split}[0]", "is not an (input, target) pair",
-                                            "make each item a tuple (input_tensor, target)"))
-    example = attempt("example_input()", mf.example_input, "return one batch tensor, e.g. torch.randn(1, 3, 32, 32)")
-    if example is not None and not isinstance(example, torch.Tensor):
-        problems.append(Problem("example_input()", f"returned {type(example).__name__}, not a Tensor",
-                                "return a tensor whose first dimension is the batch"))
+                                            "make each item a tuple (input, target); the input may be a tensor, "
+                                            "a tuple of tensors or a dict of named tensors"))
+                elif item is not None and split == "eval":
+                    collate_first: Callable[[], Any] = functools.partial(ins.collate, [item[0]])
+                    sample = attempt("load_data().eval[0]", collate_first,
+                                     "make each input a tensor, a tuple of tensors or a dict of named tensors")
+    example = attempt("example_input()", mf.example_input,
+                      "return one batch: a tensor, a tuple of tensors or a dict of named tensors")
+    if example is not None and not ins.is_inputs(example):
+        problems.append(Problem("example_input()", f"returned {type(example).__name__}, not a batch of tensors",
+                                "return a tensor, a tuple of tensors or a dict of named tensors whose first "
+                                "dimension is the batch, e.g. torch.randn(1, 3, 32, 32)"))
         example = None
+    if example is not None and ins.batch_size(example) < 1:
+        problems.append(Problem("example_input()", "has batch size 0", "give the batch at least one sample"))
+        example = None
+    if example is not None and sample is not None and ins.signature(example) != ins.signature(sample):
+        problems.append(Problem("example_input()", f"({ins.describe(example)}) does not match the eval samples "
+                                f"({ins.describe(sample)}) apart from the batch size",
+                                "build example_input() from the same data and dtypes as load_data().eval, "
+                                "so latency is measured on inputs the model sees in evaluation"))
     if model is not None and example is not None:
         with torch.inference_mode():
-            attempt("model(example_input())", lambda: model(example),
+            attempt("model(example_input())", lambda: ins.call(model, example),
                     "make example_input() match the model's expected input shape and dtype")
     if model is not None and data is not None and not problems:
         metrics = attempt("evaluate(model, loader)", lambda: mf.evaluate(model),
-                          "evaluate(model, loader) must loop over (inputs, targets) and return a dict")
+                          "evaluate(model, loader) must loop over (inputs, targets) and return a dict of floats")
         if metrics is not None:
             if not metrics:
                 problems.append(Problem("evaluate()", "returned no metrics",
@@ -263,4 +307,9 @@ def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
             if bad:
                 problems.append(Problem("evaluate()", f"returned non-finite values for {', '.join(bad)}",
                                         "return finite floats"))
+            taken = sorted(set(metrics) & RESERVED)
+            if taken:
+                problems.append(Problem("evaluate()", f"returns {', '.join(taken)}, which optagent measures itself",
+                                        "rename these metrics (e.g. my_latency_ms); optagent's own figures keep "
+                                        "their names"))
     return mf, problems

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optagent import inputs as ins
 from optagent.errors import TrialFailed, UserError
 from optagent.protocol import JobRef, ModelRef, TrialPayload
 from optagent.storage import Job, Trial
@@ -133,19 +134,32 @@ def _payload(recipe: dict[str, Any], model_path: str, sha256: str) -> TrialPaylo
 def _same(want: Any, got: Any) -> bool:
     import torch
 
-    return isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape \
-        and torch.allclose(want.float(), got.float(), atol=1e-5)
+    a, b = ins.leaves(want), ins.leaves(got)
+    return bool(a) and len(a) == len(b) and all(
+        x.shape == y.shape and torch.allclose(x.float(), y.float(), atol=1e-5) for x, y in zip(a, b, strict=True))
+
+
+def _batch_dims(example: Any) -> Any:
+    import torch
+
+    batch = torch.export.Dim("batch")
+    if isinstance(example, dict):
+        return {k: {0: batch} for k in example}
+    if isinstance(example, tuple | list):
+        return tuple({0: batch} for _ in example)
+    return ({0: batch},)
 
 
 def _torch_export(model: Any, example: Any, target: Path) -> bool:
-    """torch.export with a dynamic batch dimension (forward(x) or forward(*args)); False if it cannot."""
+    """torch.export with a dynamic batch dimension, else at the example's batch; False if it cannot."""
     import torch
 
-    for spec in ({0: torch.export.Dim("batch")},), ((({0: torch.export.Dim("batch")},),)):
+    args, kwargs = ins.as_args(example)
+    for spec in (_batch_dims(example), None):
         try:
-            program = torch.export.export(model, (example,), dynamic_shapes=spec)
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=spec)
             torch.export.save(program, str(target))
-            if _same(model(example), torch.export.load(str(target)).module()(example)):
+            if _same(ins.call(model, example), ins.call(torch.export.load(str(target)).module(), example)):
                 return True
         except Exception:  # noqa: S112 - try the next spelling, then the next format
             continue
@@ -158,9 +172,12 @@ def _torchscript(model: Any, example: Any, target: Path) -> bool:
     import torch
 
     try:
-        traced = torch.jit.trace(model, example, check_trace=False)
+        if isinstance(example, dict):
+            traced = torch.jit.trace(model, example_kwarg_inputs=example, check_trace=False)
+        else:
+            traced = torch.jit.trace(model, example if isinstance(example, tuple) else (example,), check_trace=False)
         torch.jit.save(traced, str(target))
-        if _same(model(example), torch.jit.load(str(target))(example)):
+        if _same(ins.call(model, example), ins.call(torch.jit.load(str(target)), example)):
             return True
     except Exception:  # data-dependent control flow and the like
         pass
@@ -201,7 +218,7 @@ def _rebuild(recipe: dict[str, Any], payload: TrialPayload, directory: Path,
     except TrialFailed as exc:
         raise UserError(f"rebuilding trial {recipe['trial']} failed: {exc}") from None
     mf = built.model_file
-    example = mf.example_input().to(built.ctx.device)
+    example = ins.to(mf.example_input(), built.ctx.device)
     files, model_format = save_model(built.model, example, directory)
     metrics = dict(mf.evaluate(built.model))
     evaluated = {k: float(v) for k, v in recorded.items() if k in metrics}

@@ -12,6 +12,17 @@ if TYPE_CHECKING:
     from optagent.strategy import TrialContext
 
 
+# The measurements every trial takes, and the figures the coordinator and the confirmation add: no model
+# file metric and no plugin metric may take these names (they would overwrite the measurement).
+RESERVED = frozenset({
+    "latency_ms", "latency_p90_ms", "latency_p99_ms", "latency_spread", "latency_per_sample_ms", "throughput",
+    "baseline_latency_ms", "baseline_latency_spread", "speedup", "speedup_low", "speedup_high", "batch_size",
+    "latency_measured_ms", "latency_reference_ms", "baseline_drift", "confirmed_speedup", "confirmed_speedup_low",
+    "confirmed_speedup_high", "confirmed_speedup_ci_low", "confirmed_speedup_ci_high", "confirmed_speedup_runs",
+    "confirmed_processes", "confirmed_noise", "confirmed_phase_noise", "confirmed_latency_ms", "tie_group",
+    "compile_time_s", "export_time_s", "quantize_time_s", "runtime_max_abs_diff"})
+
+
 @dataclass(frozen=True)
 class Metric:
     """A named figure computed on the final model of a trial.

@@ -116,6 +116,8 @@ def profile_model(model: Any, batch: Any, *, threads: int, device: Any = None, r
     import os
     import statistics
 
+    from optagent.inputs import batch_size, call
+
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # kineto prints profiler_start/stop lines to stderr otherwise
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -130,12 +132,12 @@ def profile_model(model: Any, batch: Any, *, threads: int, device: Any = None, r
 
     with torch.inference_mode():
         for _ in range(warmup):
-            model(batch)
+            call(model, batch)
         sync()
         plain = []
         for _ in range(max(reps, 5)):
             t0 = time.perf_counter()
-            model(batch)
+            call(model, batch)
             sync()
             plain.append((time.perf_counter() - t0) * 1e3)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -144,7 +146,7 @@ def profile_model(model: Any, batch: Any, *, threads: int, device: Any = None, r
             with profile(activities=activities, record_shapes=True) as prof:
                 t0 = time.perf_counter()
                 for _ in range(reps):
-                    model(batch)
+                    call(model, batch)
                 sync()
                 wall_ms = (time.perf_counter() - t0) * 1e3
         finally:
@@ -182,7 +184,7 @@ def profile_model(model: Any, batch: Any, *, threads: int, device: Any = None, r
     op_rows = [row(name, "op", us, count, max(op_shapes[name].items(), key=lambda kv: kv[1])[0])
                for name, (us, count) in ops.items()]
     result = Profile(
-        batch_size=int(batch.shape[0]) if hasattr(batch, "shape") else 1, threads=threads,
+        batch_size=batch_size(batch), threads=threads,
         device=str(device), reps=reps, latency_ms=latency_ms, profiled_ms=wall_ms / reps,
         op_fraction=min(1.0, op_total_ms / per_call) if per_call else 0.0,
         modules=sorted(module_rows, key=lambda r: -r.fraction)[:top],

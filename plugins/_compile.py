@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from optagent import inputs as ins
 from optagent.errors import TrialFailed
 
 
@@ -72,22 +73,29 @@ def pt2e_available() -> bool:
     return True
 
 
-def chunked(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, size: int) -> Any:
-    """fn over `x` in slices of exactly `size` rows (the last padded by repeating its final row)."""
-    if x.shape[0] == size:
+def chunked(fn: Callable[[Any], Any], x: Any, size: int) -> Any:
+    """fn over the batch `x` (a tensor, tuple or dict; see optagent.inputs) in slices of exactly `size` rows,
+    the last padded by repeating its final row; the outputs are joined again."""
+    total = ins.batch_size(x)
+    if total == size:
         return fn(x)
     outs = []
-    for start in range(0, x.shape[0], size):
-        part = x[start:start + size]
-        n = part.shape[0]
-        if n < size:
-            part = torch.cat([part, part[-1:].expand(size - n, *part.shape[1:])])
-        out = fn(part)
-        if not isinstance(out, torch.Tensor):
-            raise TrialFailed("the runtime wrapper supports models that return one tensor; this one returns "
-                              f"{type(out).__name__}")
-        outs.append(out[:n])
-    return torch.cat(outs)
+    for start in range(0, total, size):
+        part = ins.take(x, start, start + size)
+        n = ins.batch_size(part)
+        outs.append(ins.take(fn(ins.pad_to(part, size)), 0, n))
+    return ins.concat(outs)
+
+
+def one_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The batch a wrapper's forward(*args, **kwargs) was called with, in optagent.inputs' form."""
+    if kwargs and not args:
+        return kwargs
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if kwargs:
+        raise TypeError("call a served model with positional or keyword inputs, not both")
+    return tuple(args)
 
 
 def _under_dispatch_mode() -> bool:
@@ -107,7 +115,7 @@ class FixedBatch(torch.nn.Module):
     recipe look at it. Calls always run under inference mode so Dynamo never recompiles for grad mode.
     """
 
-    def __init__(self, source: torch.nn.Module, compiled: Callable[[torch.Tensor], Any], batch_size: int,
+    def __init__(self, source: torch.nn.Module, compiled: Callable[..., Any], batch_size: int,
                  recipe: dict[str, Any]):
         super().__init__()
         self.source = source
@@ -115,13 +123,14 @@ class FixedBatch(torch.nn.Module):
         self.batch_size = batch_size
         self.recipe = recipe
 
-    def forward(self, x: torch.Tensor) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = one_batch(args, kwargs)
         if _under_dispatch_mode():
             if self.recipe.get("precision", "none") != "none":
                 raise RuntimeError("a quantized compiled graph has no float FLOP count")
-            return self.source(x)
+            return ins.call(self.source, x)
         with torch.inference_mode():
-            return chunked(self._compiled, x, self.batch_size)
+            return chunked(lambda part: ins.call(self._compiled, part), x, self.batch_size)
 
     def train(self, mode: bool = True) -> FixedBatch:
         """Serving only: a PT2E-converted graph refuses train()/eval(), so the flag is not passed down."""
@@ -148,16 +157,17 @@ class FixedBatch(torch.nn.Module):
         return [note, weights]
 
 
-def pt2e_quantize(model: torch.nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor],
+def pt2e_quantize(model: torch.nn.Module, example: Any, calibration: Iterable[Any],
                   dynamic: bool) -> torch.nn.Module:
     """Static (calibrated) or dynamic int8 with the x86 Inductor quantizer; returns the converted graph."""
     with _quiet():
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-        size = example.shape[0]
+        size = ins.batch_size(example)
+        args, kwargs = ins.as_args(example)
         try:
-            exported = torch.export.export(model, (example,)).module()
+            exported = torch.export.export(model, args, kwargs).module()
         except Exception as exc:
             raise TrialFailed(f"torch.export cannot capture the model for PT2E int8: {first_line(exc)}") from exc
         quantizer = xiq.X86InductorQuantizer()
@@ -171,8 +181,8 @@ def pt2e_quantize(model: torch.nn.Module, example: torch.Tensor, calibration: It
             # static: observe activation ranges; dynamic: one batch still has to run, or the weight
             # observers never see the weights and the int8 weights are garbage
             with torch.no_grad():
-                for inputs in calibration:
-                    chunked(prepared, inputs, size)
+                for batch in calibration:
+                    chunked(lambda part: ins.call(prepared, part), batch, size)
                     if dynamic:
                         break
             return convert_pt2e(prepared)
@@ -182,7 +192,7 @@ def pt2e_quantize(model: torch.nn.Module, example: torch.Tensor, calibration: It
             raise TrialFailed(f"PT2E int8 quantization failed: {first_line(exc)}") from exc
 
 
-def compile_model(model: torch.nn.Module, example: torch.Tensor, mode: str, recipe: dict[str, Any],
+def compile_model(model: torch.nn.Module, example: Any, mode: str, recipe: dict[str, Any],
                   ) -> tuple[FixedBatch, float]:
     """torch.compile with weight freezing; the first call (the compilation) is timed and returned."""
     import torch._inductor.config as inductor_config
@@ -192,12 +202,12 @@ def compile_model(model: torch.nn.Module, example: torch.Tensor, mode: str, reci
     try:
         # freezing folds weights into the graph (and prepacks oneDNN kernels); needed for int8 speed
         with _quiet(), inductor_config.patch(freezing=True), torch.inference_mode():
-            compiled(example)
-            compiled(example)  # a second call catches a guard failure (recompilation) now, not in timing
+            ins.call(compiled, example)
+            ins.call(compiled, example)  # a second call catches a guard failure (recompilation) now
     except Exception as exc:
         raise TrialFailed(f"torch.compile failed: {first_line(exc)}") from exc
     seconds = time.perf_counter() - started
-    return FixedBatch(model, compiled, int(example.shape[0]), {**recipe, "mode": mode}), seconds
+    return FixedBatch(model, compiled, ins.batch_size(example), {**recipe, "mode": mode}), seconds
 
 
 def copy_for_compile(model: torch.nn.Module) -> torch.nn.Module:

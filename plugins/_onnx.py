@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from optagent import inputs as ins
 from optagent.errors import TrialFailed
-from optagent.plugins._compile import _under_dispatch_mode, chunked, first_line
+from optagent.plugins._compile import _under_dispatch_mode, chunked, first_line, one_batch
 
 LEVELS = ("basic", "extended", "all")
 
@@ -46,16 +47,31 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> bool:
-    """Export to ONNX with a dynamic batch axis if possible; returns whether the batch axis is dynamic."""
+def _dynamic_shapes(example: Any) -> Any:
+    """A symbolic batch dimension for every input, in the structure torch.export wants (by argument)."""
+    batch = torch.export.Dim("batch")
+    if isinstance(example, dict):
+        return {k: {0: batch} for k in example}
+    if isinstance(example, tuple | list):
+        return tuple({0: batch} for _ in example)
+    return ({0: batch},)
+
+
+def export(model: torch.nn.Module, example: Any, path: Path) -> bool:
+    """Export to ONNX with a dynamic batch axis if possible; returns whether the batch axis is dynamic.
+
+    The ONNX inputs are named as `optagent.inputs.named` names them (a dict's own keys, e.g. input_ids and
+    attention_mask), and keep their dtypes: token ids stay int64.
+    """
     first: Exception | None = None
+    args, kwargs = ins.as_args(example)
     for dynamic in (True, False):
-        shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+        shapes = _dynamic_shapes(example) if dynamic else None
         try:
             with _quiet(), torch.no_grad():
-                torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=shapes,
-                                  input_names=["input"], verbose=False, optimize=True,
-                                  external_data=False)
+                torch.onnx.export(model, args, str(path), kwargs=kwargs or None, dynamo=True,
+                                  dynamic_shapes=shapes, input_names=list(ins.named(example)), verbose=False,
+                                  optimize=True, external_data=False)
             return dynamic
         except Exception as exc:
             first = first or exc
@@ -63,8 +79,8 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> bool:
     raise TrialFailed(f"torch.onnx cannot export the model: {first_line(first)}") from first
 
 
-def quantize(src: Path, dst: Path, precision: str, calibration: Iterable[torch.Tensor], batch: int | None,
-             reduce_range: bool = False) -> None:
+def quantize(src: Path, dst: Path, precision: str, calibration: Iterable[Any], batch: int | None,
+             reduce_range: bool = False, exclude: list[str] | None = None) -> None:
     """ONNX Runtime's own int8: dynamic (MatMul/Gemm, weights int8, activations per call) or static QDQ.
 
     `reduce_range` quantizes weights to 7 bits: x86 CPUs without VNNI multiply u8 x s8 with a 16-bit
@@ -86,9 +102,10 @@ def quantize(src: Path, dst: Path, precision: str, calibration: Iterable[torch.T
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
             if precision == "dynamic_int8":
                 quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                                 reduce_range=reduce_range, op_types_to_quantize=["MatMul", "Gemm"])
+                                 reduce_range=reduce_range, op_types_to_quantize=["MatMul", "Gemm"],
+                                 nodes_to_exclude=exclude or [])
             else:
-                feeds = iter([{"input": b} for b in _numpy_batches(calibration, batch)])
+                feeds = iter(list(_numpy_batches(calibration, batch)))
 
                 class Reader(CalibrationDataReader):
                     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -97,24 +114,25 @@ def quantize(src: Path, dst: Path, precision: str, calibration: Iterable[torch.T
                 reader = Reader()
                 quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                                 reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8)
+                                weight_type=QuantType.QInt8, nodes_to_exclude=exclude or [])
     except TrialFailed:
         raise
     except Exception as exc:
         raise TrialFailed(f"ONNX Runtime {precision} quantization failed: {first_line(exc)}") from exc
 
 
-def _numpy_batches(batches: Iterable[torch.Tensor], batch: int | None) -> Iterator[np.ndarray]:
+def feed(x: Any) -> dict[str, np.ndarray]:
+    """An ONNX Runtime feed: each input by name, on the CPU, in its own dtype (token ids stay int64)."""
+    return {name: t.detach().cpu().contiguous().numpy() for name, t in ins.named(x).items()}
+
+
+def _numpy_batches(batches: Iterable[Any], batch: int | None) -> Iterator[dict[str, np.ndarray]]:
     for x in batches:
-        x = x.detach().cpu().float()
         if batch is None:
-            yield x.numpy()
+            yield feed(x)
         else:  # a fixed-batch export: feed calibration in slices of that size, the last one padded
-            for start in range(0, x.shape[0], batch):
-                part = x[start:start + batch]
-                if part.shape[0] < batch:
-                    part = torch.cat([part, part[-1:].expand(batch - part.shape[0], *part.shape[1:])])
-                yield part.numpy()
+            for start in range(0, ins.batch_size(x), batch):
+                yield feed(ins.pad_to(ins.take(x, start, start + batch), batch))
 
 
 def session(path: Path, threads: int, level: str, providers: list[str]) -> Any:
@@ -155,21 +173,23 @@ class OrtModule(torch.nn.Module):
         self.register_buffer("onnx_model", torch.frombuffer(bytearray(onnx_bytes), dtype=torch.uint8))
         object.__setattr__(self, "_source", source)  # not a submodule: its weights are not in the .onnx's size
         self._session = sess
-        self._input = sess.get_inputs()[0].name
+        self._inputs = [i.name for i in sess.get_inputs()]
         self.fixed_batch = fixed_batch
         self.recipe = recipe
 
-    def _run(self, x: torch.Tensor) -> Any:
-        feed = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        outs = self._session.run(None, {self._input: feed})
-        tensors = [torch.from_numpy(o).to(x.device) for o in outs]
+    def _run(self, x: Any) -> Any:
+        given = feed(x)
+        outs = self._session.run(None, {name: given[name] for name in self._inputs if name in given})
+        device = ins.leaves(x)[0].device
+        tensors = [torch.from_numpy(o).to(device) for o in outs]
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
-    def forward(self, x: torch.Tensor) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = one_batch(args, kwargs)
         if _under_dispatch_mode():
             if self.recipe.get("precision", "none") != "none":
                 raise RuntimeError("an int8 ONNX graph has no float FLOP count")
-            return self._source(x)
+            return ins.call(self._source, x)
         if self.fixed_batch is None:
             return self._run(x)
         return chunked(self._run, x, self.fixed_batch)
@@ -188,24 +208,25 @@ class OrtModule(torch.nn.Module):
         model = directory / "model.onnx"
         model.write_bytes(self.onnx_model.numpy().tobytes())
         settings = directory / "onnxruntime_session.json"
-        settings.write_text(json.dumps({**self.recipe, "input": self._input,
+        settings.write_text(json.dumps({**self.recipe, "inputs": self._inputs,
                                         "providers": self._session.get_providers()}, indent=2) + "\n")
         return [model, settings]
 
 
-def build(model: torch.nn.Module, example: torch.Tensor, precision: str, calibration: Iterable[torch.Tensor],
-          threads: int, level: str, providers: list[str], *, reduce_range: bool = False) -> tuple[OrtModule, float]:
+def build(model: torch.nn.Module, example: Any, precision: str, calibration: Iterable[Any],
+          threads: int, level: str, providers: list[str], *, reduce_range: bool = False,
+          exclude: list[str] | None = None) -> tuple[OrtModule, float]:
     """Export, quantize (if asked), open the session; returns the wrapper and the seconds it took."""
     started = time.perf_counter()
     model = model.eval()
     with tempfile.TemporaryDirectory(prefix="optagent-onnx-") as tmp:
         fp32 = Path(tmp) / "model.onnx"
         dynamic = export(model, example, fp32)
-        fixed = None if dynamic else int(example.shape[0])
+        fixed = None if dynamic else ins.batch_size(example)
         final = fp32
         if precision in ("dynamic_int8", "static_int8"):
             final = Path(tmp) / "model.int8.onnx"
-            quantize(fp32, final, precision, calibration, fixed, reduce_range)
+            quantize(fp32, final, precision, calibration, fixed, reduce_range, exclude)
         sess = session(final, threads, level, providers)
         data = final.read_bytes()
     recipe = {"engine": "onnxruntime", "precision": precision, "graph_optimization_level": level,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from optagent import inputs as ins
 from optagent.errors import TrialFailed
 from optagent.plugins._util import model_device, quiet_torch_ao, to_device
 from optagent.strategy import SpaceContext, TrialContext
@@ -70,7 +71,11 @@ class TorchAOBackend:
         torch.backends.quantized.engine = engine
         with quiet_torch_ao():
             try:
-                prepared = prepare_fx(model, get_default_qconfig_mapping(engine), (example,))
+                args, kwargs = ins.as_args(example)
+                if kwargs:
+                    raise TypeError("FX graph mode takes positional inputs only; this model takes keyword "
+                                    f"inputs ({', '.join(kwargs)})")
+                prepared = prepare_fx(model, get_default_qconfig_mapping(engine), args)
             except Exception as exc:
                 raise TrialFailed(
                     f"static int8 needs a torch.fx-traceable model and {type(model).__name__} is not: "
@@ -78,8 +83,8 @@ class TorchAOBackend:
                     "bf16 may still apply (make forward() free of data-dependent Python control flow to "
                     "enable static int8)") from exc
             with torch.inference_mode():
-                for inputs in calibration:
-                    prepared(inputs)
+                for batch in calibration:
+                    ins.call(prepared, batch)
             return convert_fx(prepared)
 
 
@@ -164,7 +169,7 @@ def calibration_batches(trial: TrialContext, model: torch.nn.Module) -> Iterable
     for inputs, _targets in trial.model_file.loader("calibration", min(64, CALIBRATION_SAMPLES)):
         if seen >= CALIBRATION_SAMPLES:
             break
-        seen += len(inputs)
+        seen += ins.batch_size(inputs)
         yield to_device(inputs, device)
 
 

@@ -7,6 +7,8 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from optagent import inputs as ins
+
 if TYPE_CHECKING:
     import torch
 
@@ -26,31 +28,23 @@ def model_device(model: torch.nn.Module, default: torch.device | str = "cpu") ->
 
 def to_device(value: Any, device: torch.device) -> Any:
     """Move a tensor, or the tensors inside a tuple/list/dict, to `device`."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple | list):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
+    return ins.to(value, device)
 
 
-def example_batch(trial: TrialContext, model: torch.nn.Module, size: int | None = 1) -> torch.Tensor:
+def example_batch(trial: TrialContext, model: torch.nn.Module, size: int | None = 1) -> Any:
     """The model file's example input trimmed to `size` samples (None = as given), on the model's device."""
     example = trial.model_file.example_input()
     if size is not None:
-        example = example[:size]
-    return example.to(model_device(model, trial.device))
+        example = ins.take(example, 0, size)
+    return ins.to(example, model_device(model, trial.device))
 
 
-def output_dim(model: torch.nn.Module, example: torch.Tensor) -> int | None:
+def output_dim(model: torch.nn.Module, example: Any) -> int | None:
     """The size of the last dimension of the model's output on `example`, if the output is one tensor."""
     import torch
 
     with torch.no_grad():
-        out = model(example)
+        out = ins.call(model, example)
     return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() > 0 else None
 
 

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from optagent import inputs as ins
 from optagent.errors import TrialFailed
 from optagent.hookspecs import hookimpl
 from optagent.plugins._util import model_device, to_device, zero_masks
@@ -127,7 +128,7 @@ def train(model: torch.nn.Module, trial: TrialContext, *, epochs: int, optimizer
                     with trial.compute():  # one step at a time: a trial timing on this host gets in between
                         inputs, targets = to_device(inputs, device), to_device(targets, device)
                         opt.zero_grad(set_to_none=True)
-                        outputs = model(inputs)
+                        outputs = ins.call(model, inputs)
                         loss = (loss_of(outputs, targets, inputs) if loss_of is not None
                                 else trial.model_file.loss(outputs, targets))
                         if not torch.isfinite(loss):

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from optagent import inputs as ins
 from optagent.hookspecs import hookimpl
 from optagent.metrics import Metric
 from optagent.plugins._util import is_quantized, model_device, state_tensors, to_device, weight_tensors
@@ -68,7 +69,7 @@ def flops(model: Any, trial: TrialContext, batch: torch.Tensor) -> float:
     counter = FlopCounterMode(display=False)
     try:
         with torch.inference_mode(), counter:
-            model(batch)
+            ins.call(model, batch)
     except Exception:
         return float("nan")
     return float(counter.get_total_flops())
@@ -108,11 +109,11 @@ def peak_memory_mb(model: Any, trial: TrialContext, batch: torch.Tensor) -> floa
     device = model_device(model, trial.device)
     batch = to_device(batch, device)
     with torch.inference_mode():
-        model(batch)  # warm-up
+        ins.call(model, batch)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            model(batch)
+            ins.call(model, batch)
             torch.cuda.synchronize(device)
             return torch.cuda.max_memory_allocated(device) / MIB
         if not os.path.exists("/proc/self/clear_refs"):
@@ -122,7 +123,7 @@ def peak_memory_mb(model: Any, trial: TrialContext, batch: torch.Tensor) -> floa
             before = _proc_status_kib("VmRSS")
             with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
                 f.write("5")  # reset the peak resident set size (VmHWM) to the current RSS
-            model(batch)
+            ins.call(model, batch)
             peak = _proc_status_kib("VmHWM")
         except OSError:
             return float("nan")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from optagent import inputs as ins
 from optagent.errors import TrialFailed
 from optagent.hookspecs import hookimpl
 from optagent.plugins._util import classifier_layers, example_batch, layer_width, prunable_weights
@@ -43,7 +44,7 @@ def prune_structured(model: torch.nn.Module, amount: float, example: torch.Tenso
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        shape_before = _shapes(model(example))
+        shape_before = _shapes(ins.call(model, example))
     try:
         with torch.enable_grad():  # the dependency graph is traced through autograd
             pruner = tp.pruner.MetaPruner(
@@ -58,7 +59,7 @@ def prune_structured(model: torch.nn.Module, amount: float, example: torch.Tenso
         model.train(was_training)
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        shape_after = _shapes(model.eval()(example))
+        shape_after = _shapes(ins.call(model.eval(), example))
     model.train(was_training)
     if shape_after != shape_before:
         raise TrialFailed(f"structured pruning changed the output shape from {shape_before} to {shape_after}: "

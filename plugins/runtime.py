@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from optagent import inputs as ins
 from optagent.errors import TrialFailed
 from optagent.hookspecs import hookimpl
 from optagent.plugins._precision import (
@@ -108,23 +109,18 @@ def torch_version() -> str:
     return str(torch.__version__)
 
 
-def _example(trial: TrialContext, model: torch.nn.Module) -> torch.Tensor:
+def _example(trial: TrialContext, model: torch.nn.Module) -> Any:
     """A real batch at the trial's serving batch size, on the model's device."""
-    import torch
-
     from optagent.plugins._util import model_device
 
-    data = trial.model_file.data().eval
-    size = trial.infer_batch_size
-    xs = [torch.as_tensor(data[i % len(data)][0]) for i in range(size)]
-    return torch.stack(xs).to(model_device(model, trial.device))
+    return trial.model_file.batch(trial.infer_batch_size, model_device(model, trial.device))
 
 
-def _max_diff(reference: torch.nn.Module, served: torch.nn.Module, example: torch.Tensor) -> float:
+def _max_diff(reference: torch.nn.Module, served: torch.nn.Module, example: Any) -> float:
     import torch
 
     with torch.inference_mode():
-        want, got = reference(example), served(example)
+        want, got = ins.call(reference, example), ins.call(served, example)
     if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape:
         return float((want.float() - got.float()).abs().max())
     return float("nan")
@@ -142,7 +138,7 @@ def _compiled(model: torch.nn.Module, params: Params, trial: TrialContext, preci
     example = _example(trial, model)
     reference = model
     source = tc.copy_for_compile(model)
-    recipe: dict[str, Any] = {"engine": "compile", "precision": precision, "batch_size": int(example.shape[0]),
+    recipe: dict[str, Any] = {"engine": "compile", "precision": precision, "batch_size": ins.batch_size(example),
                               "threads": trial.threads}
     if precision in INT8:
         if trial.device.type != "cpu" or not trial.capabilities.x86:

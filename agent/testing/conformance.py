@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
 
-from optagent.metrics import Metric
+from optagent.inputs import call
+from optagent.metrics import RESERVED, Metric
 from optagent.strategy import Param, Params, SpaceContext, Stage, Strategy, TrialContext, suggest
 
 if TYPE_CHECKING:
@@ -109,13 +110,13 @@ def _json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value, allow_nan=False))
 
 
-def _outputs(model: Any, example: torch.Tensor) -> Any:
+def _outputs(model: Any, example: Any) -> Any:
     import torch
 
     if isinstance(model, torch.nn.Module):
         model.eval()
     with torch.inference_mode():
-        return model(example)
+        return call(model, example)
 
 
 def _leaves(value: Any) -> list[torch.Tensor]:
@@ -397,10 +398,7 @@ class StrategyConformance:
 class MetricConformance:
     """The contract of a metric: override the `metric` fixture (and optionally `model_file_path`)."""
 
-    RESERVED: ClassVar[frozenset[str]] = frozenset({
-        "latency_ms", "latency_p90_ms", "latency_p99_ms", "latency_spread", "latency_per_sample_ms",
-        "throughput", "baseline_latency_ms", "baseline_latency_spread", "speedup", "batch_size",
-        "latency_measured_ms", "latency_reference_ms", "baseline_drift"})
+    RESERVED: ClassVar[frozenset[str]] = RESERVED
 
     @pytest.fixture
     def metric(self) -> Metric:

@@ -42,11 +42,7 @@ def _load_model_file(spec: ModelRef) -> Any:
 
 def _batch(mf: Any, size: int, device: Any) -> Any:
     """A real input batch of `size` samples from the held-out split (repeated if it is smaller)."""
-    import torch
-
-    data = mf.data().eval
-    xs = [data[i % len(data)][0] for i in range(size)]
-    return torch.stack([torch.as_tensor(x) for x in xs]).to(device)
+    return mf.batch(size, device)
 
 
 def _has(model: Any, kind: str) -> bool:
@@ -160,7 +156,9 @@ def time_models(models: dict[str, Any], batch: Any, measure: dict[str, Any], exc
 
     settings = MeasureSettings.from_json(measure)
     lock = measure_exclusively() if exclusive else contextlib.nullcontext()
-    calls = {name: (lambda m=m: m(batch)) for name, m in models.items()}
+    from optagent.inputs import call
+
+    calls = {name: (lambda m=m: call(m, batch)) for name, m in models.items()}
     with lock:
         return interleaved(calls, settings, device, seed)
 
