@@ -12,17 +12,42 @@ from sqlmodel import Session
 
 from optagent.errors import UserError
 from optagent.job import JobConfig, JobStatus
-from optagent.registry import build_registry
+from optagent.hookspecs import hookimpl
+from optagent.registry import build_registry, get_plugin_manager
+from optagent.strategy import Param, SpaceContext, Stage, Strategy, real
 from optagent.search import Cancelled, Coordinator, create_job
 from optagent.storage import Job, init_db, job_trials
 from optagent.testing import FakeExecutor, fake_answer
 
-STRATEGIES = ["pruning", "quantization"]
+STRATEGIES = ["knob"]
+
+
+class Knob(Strategy):
+    """A strategy with one continuous parameter: every sampled point is new, so no trial is a repeat."""
+
+    name = "knob"
+    stage = Stage.DEPLOY
+    description = "a test knob"
+
+    def search_space(self, ctx: SpaceContext) -> list[Param]:
+        return [real("x", 0.0, 1.0)]
+
+    def off_params(self, ctx: SpaceContext) -> dict[str, Any]:
+        return {"x": 0.0}
+
+    def apply(self, model: Any, params: dict[str, Any], trial: Any) -> Any:
+        return model
+
+
+class KnobPlugin:
+    @hookimpl
+    def optagent_register_strategies(self, register: Any) -> None:
+        register(Knob())
 
 
 @pytest.fixture(scope="module")
 def registry() -> Any:
-    return build_registry()
+    return build_registry(get_plugin_manager(extra=[KnobPlugin()]))
 
 
 @pytest.fixture
@@ -35,8 +60,8 @@ def _job(db: tuple[Any, str], tmp_path: Path, **options: Any) -> int:
     engine, _ = db
     model = tmp_path / "model.py"
     model.write_text("# a model file the fake executor never runs\n")
-    cfg = JobConfig(model_path=str(model), strategies=STRATEGIES, sampler="random",
-                    **{"n_trials": 6, "confirm": False, **options}).validate()
+    cfg = JobConfig(model_path=str(model), sampler="random",
+                    **{"strategies": STRATEGIES, "n_trials": 6, "confirm": False, **options}).validate()
     job = create_job(engine, cfg, None, hashlib.sha256(model.read_bytes()).hexdigest())
     assert job.id is not None
     return job.id
@@ -195,3 +220,64 @@ def test_the_confirmation_is_stored_on_the_pareto_trials(db: tuple[Any, str], tm
     assert executor.sent[-1][0] == -1 and executor.sent[-1][1]["kind"] == "confirm"
     front = [r for r in _rows(engine, job_id) if r.on_front and r.number > 0]
     assert front and all("confirmed_speedup" in r.metrics and "tie_group" in r.metrics for r in front)
+
+
+def test_a_failed_trial_is_told_to_the_sampler_as_a_violated_constraint(db: tuple[Any, str], tmp_path: Path,
+                                                                       registry: Any) -> None:
+    engine, url = db
+    job_id = _job(db, tmp_path, n_trials=3)
+    executor = FakeExecutor(answer=fake_answer(fail=lambda p: "boom" if p["trial"] == 2 else None))
+    job = Coordinator(engine, url, job_id, registry, executor).run()
+    study = optuna.load_study(study_name=f"optagent-{job_id}-{job.name}", storage=url)
+    failed = study.trials[2]
+    assert failed.state == optuna.trial.TrialState.COMPLETE  # the samplers only learn from finished trials
+    assert failed.constraints["accuracy_drop"] >= 1000 and failed.user_attrs["optagent"]["failed"]
+    ok = study.trials[1]
+    assert ok.constraints["accuracy_drop"] < 1000
+    assert _rows(engine, job_id)[2].state == "failed"  # optagent's own record says what happened
+
+
+def _fixed_params(params: dict[str, Any]) -> Any:
+    """An answer that ignores the sampler: every trial measures the same recipe."""
+    return lambda payload: fake_answer()({**payload, "params": params})
+
+
+def test_a_parameter_set_measured_before_is_not_run_again(db: tuple[Any, str], tmp_path: Path,
+                                                         registry: Any) -> None:
+    engine, url = db
+    job_id = _job(db, tmp_path, n_trials=3, strategies=["pruning"])
+    coordinator = Coordinator(engine, url, job_id, registry, FakeExecutor())
+    same = {"pruning": {"method": "structured", "amount": 0.5}}
+    coordinator.space.suggest = lambda trial: same  # type: ignore[method-assign]
+    coordinator._search = lambda deadline: [coordinator._ask() or coordinator._drain() for _ in range(3)]  # type: ignore
+    coordinator._drain = lambda: [coordinator._tell(o.number, o.result)  # type: ignore[attr-defined]
+                                  for o in coordinator.executor.poll(0)]
+    coordinator.run()
+    rows = _rows(engine, job_id)
+    assert [r.number for r in rows] == [0, 1, 2, 3]
+    assert "reused_from" not in rows[1].metrics
+    for r in rows[2:]:
+        assert r.metrics["reused_from"] == 1 and r.values == rows[1].values
+        assert any("same parameters as trial 1" in n for n in r.notes)
+    assert [n for n, _ in coordinator.executor.sent] == [0, 1]  # measured once
+
+
+def test_an_option_that_fails_three_times_alike_is_dropped(db: tuple[Any, str], tmp_path: Path,
+                                                          registry: Any) -> None:
+    engine, url = db
+    job_id = _job(db, tmp_path, n_trials=12, strategies=["pruning"])
+
+    def fail(payload: dict[str, Any]) -> str | None:
+        method = payload["params"].get("pruning", {}).get("method")
+        return f"shape '[1, {payload['trial']}, -1]' is invalid" if method == "structured" else None
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    executor = FakeExecutor(answer=fake_answer(fail=fail))
+    coordinator = Coordinator(engine, url, job_id, registry, executor, on_event=lambda k, d: events.append((k, d)))
+    coordinator.run()
+    dropped = [d for k, d in events if k == "option_dropped"]
+    assert [d["option"] for d in dropped] == ['pruning.method="structured"']
+    assert "after 3 failures with the same error" in dropped[0]["text"]
+    structured_runs = [p for n, p in executor.sent if p["params"].get("pruning", {}).get("method") == "structured"]
+    assert len(structured_runs) == 3  # never sent again once dropped
+    assert coordinator.spent() == 12

@@ -109,7 +109,13 @@ class LineProgress:
             m = t["metrics"]
             flag = "front" if t["on_front"] else ("ok" if t["feasible"] else "infeasible")
             figures = " ".join(f"{n} {fmt(m.get(n))}" + (" ms" if n == "latency_ms" else "") for n in shown)
-            return f"{head} {figures} speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}"
+            reused = f" (reused from trial {m['reused_from']:.0f})" if "reused_from" in m else ""
+            return f"{head} {figures} speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}{reused}"
+        if kind == "option_dropped":
+            return f"[{elapsed:6.0f}s] {data['text']}"
+        if kind == "exhausted":
+            return (f"[{elapsed:6.0f}s] the sampler keeps proposing points already measured ({data['reused']}) or "
+                    f"dropped ({data['skipped']}): nothing new to try, the search stops here")
         if kind == "confirm_started":
             runs = data.get("processes", 1)
             at_once = data.get("parallel", 1)

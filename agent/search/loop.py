@@ -31,6 +31,7 @@ from optagent.search.calibration import References
 from optagent.search.confirmation import confirmation_payload, store_confirmation
 from optagent.search.records import Records, job_dict, result_fields, trial_dict
 from optagent.search.space import SearchSpace
+from optagent.search.steering import FAILED_VIOLATION, Dropped, Steering
 from optagent.storage import Job, Trial, utcnow
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,11 @@ class Coordinator:
         self._front: dict[int, list[float]] = {}
         self._live: dict[int, optuna.trial.Trial] = {}
         self._dispatched: dict[int, tuple[dict[str, Any], str]] = {}  # number -> (params, recipe) until told
-        self._finished: set[int] = set()  # searched trials told to Optuna
+        self._finished: set[int] = set()  # searched trials told to Optuna, with a row
         self._failed = 0
+        self._reused = 0  # trials answered from an earlier trial's result (not run, not counted in the budget)
+        self._skipped = 0  # trials sampled with a dropped option (told as failed, no row, not counted)
+        self.steering = Steering(self.goal.signs)
         self._job_json = job_dict(job)
         self._last_beat = 0.0
         self._plugins = {name: info.version or "" for name, info in registry.plugins.items()}
@@ -107,7 +111,11 @@ class Coordinator:
         """Progress counters, kept in memory so a long search does not re-read every trial per step."""
         return {"complete": len(self._finished) - self._failed, "failed": self._failed,
                 "running": len(self.executor.in_flight()), "budget": self.cfg.n_trials or 0,
-                "front": len(self._front)}
+                "front": len(self._front), "reused": self._reused, "skipped": self._skipped}
+
+    def spent(self) -> int:
+        """Trials that ran (reused and skipped ones cost nothing and do not count against the budget)."""
+        return len(self._finished) - self._reused
 
     def _update_front(self, number: int, values: list[float]) -> None:
         changed = fronts.insert(self._front, number, values, self.goal.signs)
@@ -149,6 +157,7 @@ class Coordinator:
             flat, dists = self.space.point(self.space.off())
             glue.add_known_trial(self.study, flat, dists, values, {"optagent_number": 0, "baseline": True})
         self._update_front(0, values)
+        self.steering.record(0, self.space.off(), "complete", values)
         self.study.set_user_attr("baseline_metrics", self.goal.baseline)
         self._emit("baseline", metrics=self.goal.baseline)
 
@@ -156,6 +165,14 @@ class Coordinator:
     def _ask(self) -> None:
         trial = self.study.ask()
         params = self.space.suggest(trial)
+        dropped = self.steering.blocked(params)
+        if dropped is not None:
+            self._skip(trial, dropped)
+            return
+        twin = self.steering.seen(params)
+        if twin is not None:
+            self._reuse(trial, params, twin)
+            return
         self._live[trial.number] = trial
         # sent first, recorded while the worker picks it up; a crash in between leaves a RUNNING Optuna trial
         # without a row, which resume recovers (recovery.recover_unrecorded)
@@ -178,11 +195,14 @@ class Coordinator:
             missing = self.goal.missing(result.metrics)
             result.state, result.failure_reason = "failed", f"objective metric {', '.join(missing)} missing"
         feasible = self.goal.constraint(result.metrics) <= 0 if values is not None else None
-        fields = result_fields(result, values, feasible)
         if number not in self._dispatched:  # sent by an earlier coordinator
             sent = self.records.row(number)
             self._dispatched[number] = (sent.params, sent.recipe) if sent else ({}, "")
         params, recipe = self._dispatched.pop(number)
+        for dropped in self.steering.record(number, params, result.state, values, result.failure_reason):
+            result.notes.append(dropped.describe())
+            self._emit("option_dropped", option=dropped.option, text=dropped.describe())
+        fields = result_fields(result, values, feasible)
         row = Trial(job_id=self.job_id, number=number, params=params, recipe=recipe, **fields)
         live = self._live.pop(number, None)
         self._tell_study(live or glue.trial_handle(self.study, number), row, self.records.result_update(number, fields))
@@ -198,20 +218,51 @@ class Coordinator:
         """Tell Optuna a result, with its constraint and what optuna-dashboard shows for it (one user
         attribute), in one transaction with `statements` (the result row's update)."""
         shown: dict[str, Any] = {"optagent_number": row.number, "recipe": row.recipe}
-        system: dict[str, Any] = {}
-        if row.values is not None:
+        values = row.values
+        if values is not None:
             c = self.goal.constraint(row.metrics)
-            system[glue.CONSTRAINT_ATTR] = c  # what Trial.set_constraint stores (it re-reads all attrs)
             shown.update(feasible=c <= 0, **{glue.CONSTRAINT: c},
                          **{k: row.metrics[k] for k in ("speedup", "model_size_mb") if k in row.metrics})
-        else:
-            shown["failure_reason"] = str(row.failure_reason)[:1000]
-        written = glue.stage_and_tell(self.study, trial, row.values, statements=statements, system=system,
+        else:  # told as a violated constraint, so the samplers learn to avoid it (optagent.search.steering)
+            c, values = self._violation(row), self.steering.penalty()
+            shown.update(failed=True, state=str(row.state), failure_reason=str(row.failure_reason)[:1000])
+        system = {glue.CONSTRAINT_ATTR: c}  # what Trial.set_constraint stores (it re-reads all attrs)
+        written = glue.stage_and_tell(self.study, trial, values, statements=statements, system=system,
                                       user={"optagent": shown})
         if not written and statements:  # Optuna had it finished already: store it alone
             with self.records.engine.begin() as conn:
                 for statement in statements:
                     conn.execute(statement)
+
+    def _violation(self, row: Trial) -> float:
+        """The constraint a trial without objective values is told with: a trial stopped early for missing
+        the constraint by its own measured margin, any other failure as worse than every real violation."""
+        if row.state == "pruned" and self.goal.metric in (row.metrics or {}):
+            return max(self.goal.constraint(row.metrics), 1e-6)
+        return FAILED_VIOLATION
+
+    def _skip(self, trial: optuna.trial.Trial, dropped: Dropped) -> None:
+        """A trial sampled with a dropped option: told as failed at once, not run, no row."""
+        self._skipped += 1
+        glue.stage_and_tell(self.study, trial, self.steering.penalty(), system={glue.CONSTRAINT_ATTR: FAILED_VIOLATION},
+                            user={"optagent": {"skipped": True, "failure_reason": dropped.describe()}})
+
+    def _reuse(self, trial: optuna.trial.Trial, params: dict[str, Any], twin: int) -> None:
+        """A parameter set measured before in this job: the new trial is answered from that result."""
+        source = self.records.row(twin)
+        if source is None:  # pragma: no cover - a measured trial always has its row
+            return
+        note = f"same parameters as trial {twin}: its result is reused, not measured again"
+        row = Trial(job_id=self.job_id, number=trial.number, params=params, recipe=source.recipe, state=source.state,
+                    metrics={**source.metrics, "reused_from": float(twin)}, values=source.values,
+                    feasible=source.feasible, failure_reason=source.failure_reason, notes=[*source.notes, note],
+                    duration_s=0.0, hardware=source.hardware, worker=source.worker, finished_at=utcnow())
+        self.records.insert(row)
+        self._tell_study(trial, row)
+        self._finished.add(trial.number)
+        self._reused += 1
+        self._failed += row.values is None
+        self._emit("trial_finished", trial=trial_dict(row), counts=self.counts())
 
     # -- resume -----------------------------------------------------------------------------------------
     def _resume_in_flight(self) -> None:
@@ -226,8 +277,11 @@ class Coordinator:
         for row in found.finished:
             self._finished.add(row.number)
             self._failed += row.state != "complete"
+            self._reused += "reused_from" in row.metrics
             self.references.note(row.metrics, row.worker)
-            if row.feasible and row.values is not None:
+            for dropped in self.steering.record(row.number, row.params, row.state, row.values, row.failure_reason):
+                self._emit("option_dropped", option=dropped.option, text=dropped.describe())
+            if row.feasible and row.values is not None and "reused_from" not in row.metrics:
                 self._update_front(row.number, row.values)
         for row in found.untold:  # stored, but the tell was lost: tell now
             self._tell_study(glue.trial_handle(self.study, row.number), row)
@@ -275,17 +329,24 @@ class Coordinator:
 
     def _search(self, deadline: float | None) -> None:
         budget = self.cfg.n_trials
+        # reused and skipped trials cost nothing, but a space whose every point is measured or dropped would
+        # sample them for ever: past this many the search has nothing new to try
+        free_limit = max(50, 5 * (budget or 20))
         while True:
             self._beat()
-            finished = len(self._finished)
             inflight = self.executor.in_flight()
             out_of_time = deadline is not None and time.monotonic() >= deadline
-            if (budget is not None and finished >= budget) or (out_of_time and not inflight):
+            exhausted = self._reused + self._skipped >= free_limit
+            if exhausted and not inflight:
+                self._emit("exhausted", reused=self._reused, skipped=self._skipped)
                 return
-            while (not out_of_time and len(inflight) < self.executor.capacity
-                   and (budget is None or finished + len(inflight) < budget)):
+            if (budget is not None and self.spent() >= budget) or (out_of_time and not inflight):
+                return
+            while (not out_of_time and not exhausted and len(inflight) < self.executor.capacity
+                   and (budget is None or self.spent() + len(inflight) < budget)):
                 self._ask()
                 inflight = self.executor.in_flight()
+                exhausted = self._reused + self._skipped >= free_limit
             for outcome in self.executor.poll(0.5):
                 self._tell(outcome.number, outcome.result)
 

@@ -134,6 +134,11 @@ class Records:
             s.commit()
             return row
 
+    def insert(self, row: Trial) -> None:
+        with Session(self.engine, expire_on_commit=False) as s:
+            s.add(row)
+            s.commit()
+
     def result_update(self, number: int, fields: dict[str, Any]) -> Any:
         """The UPDATE that writes a result into an existing row (staged into the tell's transaction)."""
         table = Trial.__table__

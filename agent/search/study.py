@@ -138,23 +138,26 @@ def stage_and_tell(study: optuna.Study, trial: optuna.trial.Trial, values: list[
     return not storage.unstage(trial_id(trial))
 
 
-def make_sampler(cfg: JobConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: JobConfig, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
     """A fresh sampler (Optuna does not persist samplers, so resume rebuilds it from the config).
 
     Feasibility reaches the sampler through each trial's constraint (`Trial.set_constraint`), so TPE
-    and NSGA-II both search with the accuracy constraint rather than a weighted sum.
+    and NSGA-II both search with the accuracy constraint rather than a weighted sum. A resumed job's
+    sampler is seeded past the trials the study already has (`resumed_at`): seeded as at the start, its
+    random draws would repeat the proposals the earlier coordinator already made.
     """
+    seed = cfg.seed + 7919 * resumed_at  # a prime stride keeps resumed seeds apart from other jobs' seeds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if cfg.sampler == "tpe":
             startup = max(4, min(10, (cfg.n_trials or 40) // 4))
-            return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup, multivariate=True,
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                               group=True, constant_liar=True)
         if cfg.sampler == "nsga2":
             population = max(8, min(50, (cfg.n_trials or 200) // 4))
-            return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population)
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
         if cfg.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=cfg.seed)
+            return optuna.samplers.RandomSampler(seed=seed)
     raise UserError(f"unknown sampler {cfg.sampler!r}; use tpe, nsga2 or random")
 
 
@@ -178,6 +181,9 @@ def open_study(url: str, name: str, cfg: JobConfig, attrs: dict[str, Any]) -> op
         study.set_metric_names([o.metric for o in objectives])
     for key, value in attrs.items():
         study.set_user_attr(key, value)
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:
+        study.sampler = make_sampler(cfg, resumed_at=existing)
     return study
 
 
