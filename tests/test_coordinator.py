@@ -11,12 +11,12 @@ import pytest
 from sqlmodel import Session
 
 from optagent.errors import UserError
-from optagent.job import JobConfig, JobStatus
 from optagent.hookspecs import hookimpl
+from optagent.job import JobConfig, JobStatus
 from optagent.registry import build_registry, get_plugin_manager
-from optagent.strategy import Param, SpaceContext, Stage, Strategy, real
 from optagent.search import Cancelled, Coordinator, create_job
 from optagent.storage import Job, init_db, job_trials
+from optagent.strategy import Param, SpaceContext, Stage, Strategy, real
 from optagent.testing import FakeExecutor, fake_answer
 
 STRATEGIES = ["knob"]
