@@ -154,7 +154,13 @@ class ModelFile:
         import copy
 
         if self._model is None:
-            self._model = self.module.load_model().eval()
+            import torch
+
+            model = self.module.load_model()
+            if not isinstance(model, torch.nn.Module):
+                raise UserError(f"load_model() returned {type(model).__name__}, not a torch.nn.Module; return the "
+                                "model object itself (weights loaded), not a dict, a state_dict or a tuple")
+            self._model = model.eval()
         return copy.deepcopy(self._model)
 
     def data(self) -> Data:
@@ -188,7 +194,9 @@ class ModelFile:
         data = getattr(self.data(), split)
         return ins.to(ins.collate([data[i % len(data)][0] for i in range(size)]), device)
 
-    def loader(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    def loader(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+               limit: int | None = None) -> DataLoader:
+        """Batches of a split; `limit` keeps its first samples only (quick estimates, e.g. sensitivity)."""
         import torch
         from torch.utils.data import DataLoader, Subset
 
@@ -196,14 +204,17 @@ class ModelFile:
         dataset = getattr(data, split)
         if split == "calibration" and dataset is None:
             dataset = Subset(data.train, range(min(256, len(data.train))))  # type: ignore[arg-type]
+        if limit is not None and limit < len(dataset):
+            dataset = Subset(dataset, range(limit))
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
-    def evaluate(self, model: Any, split: str = "eval", batch_size: int = 256) -> dict[str, float]:
+    def evaluate(self, model: Any, split: str = "eval", batch_size: int = 256,
+                 limit: int | None = None) -> dict[str, float]:
         import torch
 
         with torch.inference_mode():
-            metrics = self.module.evaluate(model, self.loader(split, batch_size))
+            metrics = self.module.evaluate(model, self.loader(split, batch_size, limit=limit))
         return {str(k): float(v) for k, v in dict(metrics).items()}
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -223,27 +234,50 @@ class Problem:
         return f"{self.piece}: {self.message}; fix: {self.fix}"
 
 
+@dataclass
+class Inspection:
+    """What checking a model file found: its problems, and what a search needs to know before it starts."""
+
+    model_file: ModelFile | None
+    problems: list[Problem]
+    metrics: dict[str, float] | None = None  # one evaluation of the baseline on the eval split
+    has_test: bool = False  # evaluated too, as test_<metric>
+    default_batch: int | None = None
+    input: str = ""  # the example input's form (optagent.inputs.describe)
+
+
 def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
-    """Validate a model file piece by piece, naming each problem and its fix (`optagent check`).
+    """Validate a model file piece by piece, naming each problem and its fix (see `inspect`)."""
+    found = inspect(path)
+    return found.model_file, found.problems
+
+
+def inspect(path: str, *, evaluate: bool = True, on_stage: Callable[[str], None] | None = None) -> Inspection:
+    """Validate a model file piece by piece, naming each problem and its fix (`optagent check`, and every
+    command that takes a model file, in a child process: optagent.preflight).
 
     Checked: the four functions exist and run; load_model() returns a Module; load_data() returns Data of
     non-empty map-style data sets of (input, target) pairs; example_input() is one batch (a tensor, tuple
     or dict of tensors, batch >= 1) of the same form as the eval samples (structure, dtypes and shapes
-    apart from the batch); the model runs on it; evaluate() returns finite floats under names that are not
-    optagent's own measurements.
+    apart from the batch); the model runs on it; evaluate() (unless `evaluate` is False) returns finite
+    floats under names that are not optagent's own measurements. `on_stage(piece)` is called before each
+    piece runs, so a caller watching from outside knows where a model file hangs.
     """
     import torch
 
     from optagent import inputs as ins
     from optagent.metrics import RESERVED
 
+    stage = on_stage or (lambda piece: None)
     problems: list[Problem] = []
+    stage("import")
     try:
         mf = ModelFile.from_path(path)
     except UserError as exc:
-        return None, [Problem("model file", str(exc).split(";")[0], str(exc).split(";", 1)[-1].strip())]
+        return Inspection(None, [Problem("model file", str(exc).split(";")[0], str(exc).split(";", 1)[-1].strip())])
 
     def attempt(piece: str, fn: Callable[[], Any], fix: str) -> Any:
+        stage(piece)
         try:
             return fn()
         except Exception as exc:
@@ -252,10 +286,6 @@ def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
             return None
 
     model = attempt("load_model()", mf.load_model, "make load_model() return the trained torch.nn.Module")
-    if model is not None and not isinstance(model, torch.nn.Module):
-        problems.append(Problem("load_model()", f"returned {type(model).__name__}, not a torch.nn.Module",
-                                "return the model object itself (weights loaded, eval mode)"))
-        model = None
     data = attempt("load_data()", mf.data, "return optagent.Data(train=..., eval=...) of torch Datasets")
     sample = None
     if data is not None:
@@ -296,8 +326,11 @@ def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
         with torch.inference_mode():
             attempt("model(example_input())", lambda: ins.call(model, example),
                     "make example_input() match the model's expected input shape and dtype")
-    if model is not None and data is not None and not problems:
-        metrics = attempt("evaluate(model, loader)", lambda: mf.evaluate(model),
+    found = Inspection(mf, problems, has_test=data is not None and getattr(data, "test", None) is not None)
+    if example is not None:
+        found.default_batch, found.input = ins.batch_size(example), ins.describe(example)
+    if evaluate and model is not None and data is not None and not problems:
+        metrics = attempt("evaluate(model, loader)", lambda: _evaluate_once(mf, model),
                           "evaluate(model, loader) must loop over (inputs, targets) and return a dict of floats")
         if metrics is not None:
             if not metrics:
@@ -306,10 +339,29 @@ def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
             bad = [k for k, v in metrics.items() if not math.isfinite(v)]
             if bad:
                 problems.append(Problem("evaluate()", f"returned non-finite values for {', '.join(bad)}",
-                                        "return finite floats"))
+                                        "return finite floats (a NaN or inf metric cannot be compared with the "
+                                        "baseline)"))
             taken = sorted(set(metrics) & RESERVED)
             if taken:
                 problems.append(Problem("evaluate()", f"returns {', '.join(taken)}, which optagent measures itself",
                                         "rename these metrics (e.g. my_latency_ms); optagent's own figures keep "
                                         "their names"))
-    return mf, problems
+            found.metrics = metrics
+    return found
+
+
+def _evaluate_once(mf: ModelFile, model: Any) -> dict[str, float]:
+    """evaluate() once, with a clear message when it does not return a dict of numbers."""
+    import torch
+
+    with torch.inference_mode():
+        raw = mf.module.evaluate(model, mf.loader("eval", 256))
+    if not isinstance(raw, dict):
+        raise UserError(f"evaluate() returned {type(raw).__name__}, not a dict of metrics")
+    metrics: dict[str, float] = {}
+    for key, value in raw.items():
+        try:
+            metrics[str(key)] = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"evaluate() returned {type(value).__name__} for {str(key)!r}, not a number") from None
+    return metrics

@@ -91,6 +91,9 @@ class _Payload:
     max_attempts: int = 3
     attempt: int = 1
     plugins: dict[str, str] = field(default_factory=dict)  # plugin name -> version on the coordinator
+    constraint: dict[str, Any] = field(default_factory=dict)  # metric, sign, bound (optagent.strategy.Constraint)
+    analyses: dict[str, Any] = field(default_factory=dict)  # Strategy.analysis results, by strategy
+    analyze: list[str] = field(default_factory=list)  # strategies whose analysis this (baseline) trial runs
     version: int = VERSION
 
     kind: ClassVar[str]
@@ -180,6 +183,7 @@ class TrialResult:
     capabilities: dict[str, Any] | None = None  # optagent.hardware.Capabilities of the worker
     model_info: dict[str, Any] | None = None  # what the search space depends on (batch, layer kinds, ...)
     intermediate: dict[str, float] = field(default_factory=dict)  # step -> constraint metric (early stopping)
+    analyses: dict[str, Any] = field(default_factory=dict)  # what the baseline trial's `analyze` produced
     version: int = VERSION
     kind: ClassVar[str] = "trial"
 

@@ -78,13 +78,30 @@ class Trial(SQLModel, table=True):
     finished_at: dt.datetime | None = None
 
 
+class Analysis(SQLModel, table=True):
+    """A strategy's one-off analysis of a model (`Strategy.analysis`), kept so later jobs on the same model
+    file (same hash) reuse it instead of measuring it again."""
+
+    __tablename__ = "optagent_analyses"
+    __table_args__ = (sa.UniqueConstraint("model_hash", "strategy", "key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_hash: str = Field(max_length=64, index=True)
+    strategy: str = Field(max_length=200)
+    key: str = Field(max_length=200)  # analysis version and the job settings it depends on
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
 def normalize_url(url: str | None) -> str:
     """Accept the URLs people paste: postgres://, postgresql:// -> psycopg 3; bare paths -> SQLite."""
-    url = url or os.environ.get("OPTAGENT_DB") or DEFAULT_DB
+    from optagent.security import redact_url
+
+    url = (url or os.environ.get("OPTAGENT_DB") or DEFAULT_DB).strip()
     if "://" not in url:
-        if url.endswith((".db", ".sqlite", ".sqlite3")):
+        if url.endswith((".db", ".sqlite", ".sqlite3")) and ":" not in url:
             return f"sqlite:///{url}"
-        raise UserError(f"database {url!r} is not a URL; use e.g. sqlite:///optagent.db or "
+        raise UserError(f"database {redact_url(url)!r} is not a URL; use e.g. sqlite:///optagent.db or "
                         "postgresql+psycopg://user@host/db")
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
@@ -115,17 +132,28 @@ def sqlite_creator(url: str) -> Any:
 
 def engine_for(url: str | None) -> Engine:
     """A cached engine per URL with bounded pools; SQLite gets WAL and a busy timeout."""
+    from optagent.security import redact_text, redact_url
+
     url = normalize_url(url)
     if url in _engines:
         return _engines[url]
+    fix = "use sqlite:///optagent.db or postgresql+psycopg://user@host/db (--db or OPTAGENT_DB)"
     try:
         parsed = make_url(url)
     except Exception as exc:
-        raise UserError(f"database URL is malformed ({exc}); use e.g. sqlite:///optagent.db") from None
-    if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(url, creator=sqlite_creator(url))
-    else:
-        engine = sa.create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True, pool_recycle=1800)
+        raise UserError(f"database URL {redact_url(url)} is malformed ({redact_text(str(exc))}); {fix}") from None
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            engine = sa.create_engine(url, creator=sqlite_creator(url))
+        else:
+            engine = sa.create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True, pool_recycle=1800)
+    except sa.exc.NoSuchModuleError:
+        raise UserError(f"database URL {redact_url(url)} has an unknown scheme {parsed.drivername!r}; {fix}") from None
+    except ModuleNotFoundError as exc:
+        raise UserError(f"the database driver {exc.name!r} for {parsed.drivername} is not installed; pip install "
+                        "'optagent[postgres]' for postgresql+psycopg, or use sqlite:///optagent.db") from None
+    except (sa.exc.ArgumentError, TypeError, ValueError) as exc:
+        raise UserError(f"database URL {redact_url(url)} is not usable ({redact_text(str(exc))}); {fix}") from None
     _engines[url] = engine
     return engine
 
@@ -136,8 +164,10 @@ def init_db(url: str | None) -> Engine:
     try:
         SQLModel.metadata.create_all(engine)
         _add_missing_columns(engine)
-    except sa.exc.OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        from optagent.security import redact_text
+
+        reason = redact_text(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc))
         shown = engine.url.render_as_string(hide_password=True)
         raise UserError(f"cannot open database {shown}: {reason}; check --db / OPTAGENT_DB and that the server "
                         "is running") from None
@@ -163,12 +193,18 @@ def _add_missing_columns(engine: Engine) -> None:
 
 
 def find_job(session: Session, ident: str) -> Job:
-    """A job by id or by name, or a UserError naming how to list them."""
-    job = session.get(Job, int(ident)) if ident.isdigit() else None
+    """A job by id or by name (an id first: names are never purely numeric), or a UserError naming how to
+    list them, with a "did you mean" for a near-miss name."""
+    from optagent.job import did_you_mean
+
+    ident = str(ident).strip()
+    job = session.get(Job, int(ident)) if ident.isdigit() and len(ident) < 18 else None
     if job is None:
         job = session.exec(select(Job).where(Job.name == ident)).first()
     if job is None:
-        raise UserError(f"no job {ident!r} in this database; run `optagent jobs` to list them (or pass --db)")
+        names = list(session.exec(select(Job.name)))
+        hint = did_you_mean(ident, names) if names and len(ident) <= 200 else ""
+        raise UserError(f"no job {ident!r} in this database{hint}; run `optagent jobs` to list them (or pass --db)")
     return job
 
 

@@ -152,9 +152,25 @@ class SpaceContext:
     has_linear: bool = True
     # what the baseline trial found out about the model (layer kinds, attention heads, input dtypes, ...)
     model_info: dict[str, Any] = field(default_factory=dict)
+    analysis: dict[str, Any] = field(default_factory=dict)  # each strategy's `Strategy.analysis`, by name
 
 
 LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """The job's constraint as a trial sees it: `metric` must stay at or better than `bound`."""
+
+    metric: str
+    sign: float = 1.0  # +1: higher is better; -1: lower is better (perplexity)
+    bound: float | None = None
+
+    def violated_by(self, value: float) -> bool:
+        return self.bound is not None and self.sign * (value - self.bound) < 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "sign": self.sign, "bound": self.bound}
 
 
 @dataclass
@@ -180,6 +196,10 @@ class TrialContext:
     # wrap each unit of heavy compute (a training step) in `with trial.compute():` so that a trial timing
     # on the same host does not share cores with it; the pipeline does so around other stages' `apply`
     compute: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+    analysis: dict[str, Any] = field(default_factory=dict)  # each strategy's `Strategy.analysis`, by name
+    # the job's constraint: the metric, +1 when higher is better (-1 lower), and the worst value allowed
+    # (None in the baseline trial, which measures what the bound is relative to)
+    constraint: Constraint | None = None
 
     @property
     def train_batch_size(self) -> int:
@@ -221,6 +241,18 @@ class Strategy(ABC):
     @abstractmethod
     def apply(self, model: torch.nn.Module, params: Params, trial: TrialContext) -> torch.nn.Module:
         """Transform the model (in place or by returning a new one) according to `params`."""
+
+    # -- optional: a one-off analysis of the model, before the search --------------------------------------
+    analysis_version: ClassVar[str] = "1"
+
+    def analysis(self, trial: TrialContext) -> dict[str, Any] | None:
+        """A study of the baseline this strategy's space or trials depend on (e.g. each layer's sensitivity
+        to quantization), run once per model file in the baseline trial, on a worker, when the strategy is
+        searched. Return JSON (or None: nothing to analyse). The result is stored in the database, keyed by
+        the model file's hash, `analysis_version` and the job's constraint, so later jobs reuse it; every
+        trial sees it as `trial.analysis[self.name]` and `search_space` as `ctx.analysis[self.name]`.
+        """
+        return None
 
     def describe(self, ctx: SpaceContext) -> dict[str, Any]:
         return {

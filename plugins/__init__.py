@@ -4,6 +4,7 @@ DEFAULT_PLUGINS = (
     "optagent.plugins.pruning",
     "optagent.plugins.finetune",
     "optagent.plugins.quantization",
+    "optagent.plugins.mixed_precision",
     "optagent.plugins.batch_size",
     "optagent.plugins.runtime",
     "optagent.plugins.metrics",

@@ -158,7 +158,7 @@ class FixedBatch(torch.nn.Module):
 
 
 def pt2e_quantize(model: torch.nn.Module, example: Any, calibration: Iterable[Any],
-                  dynamic: bool) -> torch.nn.Module:
+                  dynamic: bool, keep_float: Iterable[str] = ()) -> torch.nn.Module:
     """Static (calibrated) or dynamic int8 with the x86 Inductor quantizer; returns the converted graph."""
     with _quiet():
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -176,6 +176,8 @@ def pt2e_quantize(model: torch.nn.Module, example: Any, calibration: Iterable[An
             quantizer.set_module_type_qconfig(torch.nn.Linear, config)
         else:
             quantizer.set_global(config)
+        for name in keep_float:  # the mixed-precision strategy's float set
+            quantizer.set_module_name_qconfig(name, None)
         try:
             prepared = prepare_pt2e(exported, quantizer)
             # static: observe activation ranges; dynamic: one batch still has to run, or the weight

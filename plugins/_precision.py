@@ -33,11 +33,12 @@ class _Backend(Protocol):
     def available(self, caps: Capabilities) -> bool:
         """Whether this backend can produce int8 models that run on this machine."""
 
-    def dynamic_int8(self, model: torch.nn.Module, engine: str) -> torch.nn.Module:
-        """int8 weights, activations quantized on the fly per call (Linear/LSTM/GRU layers)."""
+    def dynamic_int8(self, model: torch.nn.Module, engine: str, keep_float: Iterable[str] = ()) -> torch.nn.Module:
+        """int8 weights, activations quantized on the fly per call (Linear/LSTM/GRU layers); the modules
+        named in `keep_float` stay float."""
 
-    def static_int8(self, model: torch.nn.Module, example: torch.Tensor, calibration: Iterable[Any],
-                    engine: str) -> torch.nn.Module:
+    def static_int8(self, model: torch.nn.Module, example: Any, calibration: Iterable[Any],
+                    engine: str, keep_float: Iterable[str] = ()) -> torch.nn.Module:
         """int8 weights (per-channel) and activations, ranges observed on the calibration batches."""
 
 
@@ -51,19 +52,22 @@ class TorchAOBackend:
         decided without importing torch, since the coordinator declares the space."""
         return caps.int8_engine is not None
 
-    def dynamic_int8(self, model: torch.nn.Module, engine: str) -> torch.nn.Module:
+    def dynamic_int8(self, model: torch.nn.Module, engine: str, keep_float: Iterable[str] = ()) -> torch.nn.Module:
         import torch
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
         torch.backends.quantized.engine = engine
         # per-channel weights for Linear; recurrent layers only have per-tensor dynamic kernels
-        qconfig = {torch.nn.Linear: per_channel_dynamic_qconfig, torch.nn.LSTM: default_dynamic_qconfig,
+        by_type = {torch.nn.Linear: per_channel_dynamic_qconfig, torch.nn.LSTM: default_dynamic_qconfig,
                    torch.nn.GRU: default_dynamic_qconfig}
+        floats = set(keep_float)
+        qconfig: dict[Any, Any] = {name: by_type[type(m)] for name, m in model.named_modules()
+                                   if type(m) in by_type and name not in floats} if floats else dict(by_type)
         with quiet_torch_ao():
             return quantize_dynamic(model, qconfig, dtype=torch.qint8)
 
-    def static_int8(self, model: torch.nn.Module, example: torch.Tensor, calibration: Iterable[Any],
-                    engine: str) -> torch.nn.Module:
+    def static_int8(self, model: torch.nn.Module, example: Any, calibration: Iterable[Any],
+                    engine: str, keep_float: Iterable[str] = ()) -> torch.nn.Module:
         import torch
         from torch.ao.quantization import get_default_qconfig_mapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -75,7 +79,10 @@ class TorchAOBackend:
                 if kwargs:
                     raise TypeError("FX graph mode takes positional inputs only; this model takes keyword "
                                     f"inputs ({', '.join(kwargs)})")
-                prepared = prepare_fx(model, get_default_qconfig_mapping(engine), args)
+                mapping = get_default_qconfig_mapping(engine)
+                for name in keep_float:
+                    mapping.set_module_name(name, None)
+                prepared = prepare_fx(model, mapping, args)
             except Exception as exc:
                 raise TrialFailed(
                     f"static int8 needs a torch.fx-traceable model and {type(model).__name__} is not: "

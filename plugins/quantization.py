@@ -82,9 +82,11 @@ class QuantizationStrategy(Strategy):
         if model_device(model, trial.device).type != "cpu":
             raise TrialFailed(f"{mode} runs on CPU only; the model is on {model_device(model)}")
         backend = BACKENDS[params.get("backend", names[0])]
+        keep_float = list(trial.settings.get("float_layers") or [])
         if mode == "dynamic_int8":
-            return backend.dynamic_int8(model, engine)
-        return backend.static_int8(model, example_batch(trial, model, 1), calibration_batches(trial, model), engine)
+            return backend.dynamic_int8(model, engine, keep_float)
+        return backend.static_int8(model, example_batch(trial, model, 1), calibration_batches(trial, model), engine,
+                                   keep_float)
 
 
 @hookimpl

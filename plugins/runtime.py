@@ -155,7 +155,8 @@ def _compiled(model: torch.nn.Module, params: Params, trial: TrialContext, preci
 
         started = time.perf_counter()
         source = tc.pt2e_quantize(source, example, calibration_batches(trial, model),
-                                  dynamic=precision == "dynamic_int8")
+                                  dynamic=precision == "dynamic_int8",
+                                  keep_float=trial.settings.get("float_layers") or [])
         trial.extra_metrics["quantize_time_s"] = time.perf_counter() - started
     elif precision in ("bf16", "fp16"):
         source = _cast_wrapper(source, precision)

@@ -76,6 +76,7 @@ class Coordinator:
         self._job_json = job_dict(job)
         self._last_beat = 0.0
         self._plugins = {name: info.version or "" for name, info in registry.plugins.items()}
+        self.analyses: dict[str, Any] = {}  # Strategy.analysis results, sent with every trial
 
     # -- small helpers --------------------------------------------------------------------------------
     def _emit(self, kind: str, **data: Any) -> None:
@@ -88,7 +89,9 @@ class Coordinator:
         if self.cfg.executor != "local" and self.model.source_b64 is None:
             source = base64.b64encode(Path(self.model.path).read_bytes()).decode()
             self.model = ModelRef(self.model.path, self.model.sha256, source)
-        return make_payload(self.cfg, JobRef(self.job_id, self.job_name), self.model, number, params, self._plugins)
+        payload = make_payload(self.cfg, JobRef(self.job_id, self.job_name), self.model, number, params, self._plugins)
+        constraint = {"metric": self.goal.metric, "sign": self.goal.sign, "bound": self.goal.bound()}
+        return payload.replace(constraint=constraint, analyses=self.analyses)
 
     def _beat(self) -> None:
         now = time.monotonic()
@@ -126,9 +129,13 @@ class Coordinator:
     def _run_baseline(self) -> None:
         """Trial 0: every strategy off, measured exactly like every other trial; then added to the study."""
         row = self.records.row(0)
+        keys = {s.name: f"v{s.analysis_version}:{self.goal.metric}:{self.goal.sign:+.0f}"
+                for s in self.space.analysed()}
+        self.analyses = self.records.analyses(self.model.sha256, keys)
         if row is None or row.state != "complete":
             self.records.dispatched(0, {}, "baseline")
-            self.executor.submit(0, self.payload(0, {}).to_json())
+            todo = [name for name in keys if name not in self.analyses]
+            self.executor.submit(0, self.payload(0, {}).replace(analyze=todo).to_json())
             self._emit("baseline_started")
             result = TrialResult.from_json(self._wait_for(0))
             result.metrics = self.references.calibrated(result.metrics, result.worker)
@@ -143,12 +150,15 @@ class Coordinator:
                 result.state, result.failure_reason = "failed", reason
                 self.records.store_result(0, result, None, None)
                 raise UserError(reason)
-            self.space.setup(result.capabilities or {}, result.model_info)
+            if result.analyses:
+                self.records.store_analyses(self.model.sha256, keys, result.analyses)
+                self.analyses.update(result.analyses)
+            self.space.setup(result.capabilities or {}, result.model_info, self.analyses)
             values = self.goal.values(result.metrics)
             self.records.store_result(0, result, values=values, feasible=True)
             metrics = result.metrics
         else:
-            self.space.setup(row.hardware.get("capabilities") or {}, row.hardware.get("model_info"))
+            self.space.setup(row.hardware.get("capabilities") or {}, row.hardware.get("model_info"), self.analyses)
             self.references.note(row.metrics, row.worker)
             values, metrics = row.values, row.metrics
         assert values is not None

@@ -17,7 +17,7 @@ from sqlmodel import Session, select
 from optagent.errors import UserError
 from optagent.job import JobConfig, JobStatus, TrialState
 from optagent.protocol import TrialResult
-from optagent.storage import Job, Trial, get_trial, job_trials, utcnow
+from optagent.storage import Analysis, Job, Trial, get_trial, job_trials, utcnow
 
 
 def trial_dict(t: Trial) -> dict[str, Any]:
@@ -133,6 +133,23 @@ class Records:
             s.add(row)
             s.commit()
             return row
+
+    def analyses(self, model_hash: str, keys: dict[str, str]) -> dict[str, Any]:
+        """Stored analyses of this model, by strategy, for the given analysis keys."""
+        with Session(self.engine) as s:
+            rows = s.exec(select(Analysis).where(Analysis.model_hash == model_hash)).all()
+        return {r.strategy: r.data for r in rows if keys.get(r.strategy) == r.key}
+
+    def store_analyses(self, model_hash: str, keys: dict[str, str], data: dict[str, Any]) -> None:
+        with Session(self.engine) as s:
+            for strategy, value in data.items():
+                found = s.exec(select(Analysis).where(Analysis.model_hash == model_hash,
+                                                      Analysis.strategy == strategy,
+                                                      Analysis.key == keys[strategy])).first()
+                row = found or Analysis(model_hash=model_hash, strategy=strategy, key=keys[strategy])
+                row.data = value
+                s.add(row)
+            s.commit()
 
     def insert(self, row: Trial) -> None:
         with Session(self.engine, expire_on_commit=False) as s:

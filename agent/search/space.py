@@ -13,7 +13,7 @@ import optuna
 
 from optagent.hardware import Capabilities
 from optagent.registry import Registry
-from optagent.strategy import Objective, SpaceContext, sample, study_point, suggest_all
+from optagent.strategy import Objective, SpaceContext, Strategy, sample, study_point, suggest_all
 
 Params = dict[str, dict[str, Any]]
 
@@ -37,13 +37,14 @@ class SearchSpace:
         self.ctx: SpaceContext | None = None
         self.fixed: Params = {}
 
-    def setup(self, capabilities: dict[str, Any], model_info: dict[str, Any] | None) -> None:
+    def setup(self, capabilities: dict[str, Any], model_info: dict[str, Any] | None,
+              analyses: dict[str, Any] | None = None) -> None:
         info = model_info or {}
         self.ctx = SpaceContext(capabilities=capabilities_of(capabilities), objectives=self.objectives,
                                 default_batch_size=int(info.get("default_batch_size", 1)),
                                 has_conv=bool(info.get("has_conv", True)),
                                 has_linear=bool(info.get("has_linear", True)),
-                                model_info=dict(info))
+                                model_info=dict(info), analysis=dict(analyses or {}))
         self.fixed = {s.name: s.off_params(self.ctx) for s in self._unsearched}
 
     @property
@@ -60,6 +61,10 @@ class SearchSpace:
     def rebuild(self, frozen: optuna.trial.FrozenTrial) -> Params:
         """The params a trial was sampled with, from the study (KeyError if it was not fully sampled)."""
         return sample(self.strategies, self._context(), lambda key, _d: frozen.params[key], self.fixed)
+
+    def analysed(self) -> list[Any]:
+        """The searched strategies that analyse the model before the search (`Strategy.analysis`)."""
+        return [s for s in self.strategies if type(s).analysis is not Strategy.analysis]
 
     def off(self) -> Params:
         return {s.name: s.off_params(self._context()) for s in self.strategies}

@@ -49,6 +49,33 @@ def _has(model: Any, kind: str) -> bool:
     return any(type(m).__name__.startswith(kind) for m in model.modules())
 
 
+def model_info(mf: Any, baseline: Any) -> dict[str, Any]:
+    """What the search space may depend on, read off the baseline and its example input (JSON): the serving
+    batch, the layer kinds, and for transformers the architecture and attention layout."""
+    from optagent import inputs as ins
+
+    example = mf.example_input()
+    info: dict[str, Any] = {
+        "default_batch_size": mf.default_batch_size, "has_conv": _has(baseline, "Conv"),
+        "has_linear": _has(baseline, "Linear"),
+        "input_form": "dict" if isinstance(example, dict) else "tuple" if isinstance(example, tuple | list)
+        else "tensor",
+        "integer_inputs": any(not t.is_floating_point() for t in ins.leaves(example)),
+        "linear_layers": sum(type(m).__name__ == "Linear" for m in baseline.modules()),
+    }
+    configs = [getattr(m, "config", None) for m in baseline.modules()]
+    config = next((c for c in configs if c is not None and hasattr(c, "num_attention_heads")), None)
+    if config is not None:  # a Hugging Face transformer (or anything with its config's attention fields)
+        info["transformer"] = {
+            "model_type": str(getattr(config, "model_type", "") or ""),
+            "heads": int(config.num_attention_heads),
+            "kv_heads": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+            "layers": int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0) or 0),
+            "hidden": int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0),
+        }
+    return info
+
+
 def steady_allocator() -> bool:
     """Keep large allocations on the heap (glibc): the latency of a model then does not depend on the
     process's history.
@@ -84,6 +111,7 @@ class Built:
     model_file: Any
     registry: Any
     hardware: dict[str, Any]
+    space: Any = None  # the SpaceContext the trial's params belong to
 
 
 def build(payload: TrialPayload, worker_host: str | None = None) -> Built:
@@ -98,7 +126,7 @@ def build(payload: TrialPayload, worker_host: str | None = None) -> Built:
 
     from optagent import hardware as hw
     from optagent.registry import build_registry
-    from optagent.strategy import Objective, SpaceContext, Stage, TrialContext
+    from optagent.strategy import Constraint, Objective, SpaceContext, Stage, TrialContext
 
     threads = int(payload.threads or 1)
     torch.set_num_threads(threads)
@@ -128,11 +156,14 @@ def build(payload: TrialPayload, worker_host: str | None = None) -> Built:
         mf = _load_model_file(payload.model)
         baseline = mf.load_model().to(device)
         model = mf.load_model().to(device)
+    info = model_info(mf, baseline)
     space = SpaceContext(capabilities=caps,
                          objectives=tuple(Objective.parse(o) for o in payload.objectives),
-                         default_batch_size=mf.default_batch_size)
+                         default_batch_size=mf.default_batch_size, has_conv=info["has_conv"],
+                         has_linear=info["has_linear"], model_info=info, analysis=dict(payload.analyses))
+    constraint = Constraint(**payload.constraint) if payload.constraint else None
     ctx = TrialContext(model_file=mf, baseline=baseline, device=device, capabilities=caps, params=params,
-                       seed=seed, threads=threads)
+                       seed=seed, threads=threads, analysis=dict(payload.analyses), constraint=constraint)
     ctx.compute = compute
     chosen = [registry.strategies[name] for name in names]
     for strategy in chosen:
@@ -145,7 +176,7 @@ def build(payload: TrialPayload, worker_host: str | None = None) -> Built:
                 model = strategy.apply(model, dict(p), ctx)
     if isinstance(model, torch.nn.Module):
         model.eval()
-    return Built(model, ctx, mf, registry, fingerprint)
+    return Built(model, ctx, mf, registry, fingerprint, space)
 
 
 def time_models(models: dict[str, Any], batch: Any, measure: dict[str, Any], exclusive: bool, device: Any,
@@ -213,10 +244,30 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
                 continue
             if math.isfinite(value):
                 metrics[metric.name] = value
+    analyses = _analyse(built, payload.analyze)
     return TrialResult(
         trial=payload.trial, state="complete", metrics=metrics,
         samples={"latency_ms": list(cand.samples_ms), "baseline_latency_ms": list(base.samples_ms)},
         notes=ctx.notes, duration_s=time.perf_counter() - started, hardware=hardware, worker=worker,
-        capabilities=ctx.capabilities.to_json(),
-        model_info={"default_batch_size": mf.default_batch_size, "has_conv": _has(baseline, "Conv"),
-                    "has_linear": _has(baseline, "Linear")})
+        capabilities=ctx.capabilities.to_json(), model_info=built.space.model_info, analyses=analyses)
+
+
+def _analyse(built: Built, names: list[str]) -> dict[str, Any]:
+    """The baseline trial runs the one-off analyses the coordinator asked for (`Strategy.analysis`). One
+    that fails is noted and left out: its strategy then searches without it."""
+    out: dict[str, Any] = {}
+    for name in names:
+        strategy = built.registry.strategies.get(name)
+        if strategy is None:
+            continue
+        started = time.perf_counter()
+        try:
+            with built.ctx.compute():
+                data = strategy.analysis(built.ctx)
+        except Exception as exc:
+            built.ctx.notes.append(f"analysis of {name} failed: {type(exc).__name__}: {exc}")
+            continue
+        if data is not None:
+            out[name] = data
+            built.ctx.notes.append(f"analysis of {name} took {time.perf_counter() - started:.1f} s")
+    return out
