@@ -92,7 +92,37 @@ def detect(device: str = "auto") -> Capabilities:
         gpu_name=gpu_name,
         gpu_capability=gpu_cap,  # type: ignore[arg-type]
         gpu_bf16=gpu_bf16,
+        extra={"software": software()},
     )
+
+
+def _version(distribution: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def software() -> dict[str, Any]:
+    """The inference software installed here, by what a runtime needs (versions, or None when missing).
+
+    Reported by every worker with its capabilities, so the search offers the runtimes the *workers* have
+    (the coordinator may have none of them), and stored in each trial's fingerprint. Read from package
+    metadata: nothing heavy is imported.
+    """
+    import importlib.util
+    import shutil
+
+    compiler = next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+    return {
+        "torch": _version("torch"), "torchao": _version("torchao"), "cxx": compiler,
+        "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "onnxscript": _version("onnxscript"), "openvino": _version("openvino"), "nncf": _version("nncf"),
+        "inductor": importlib.util.find_spec("torch") is not None,
+    }
 
 
 def _nvidia_driver() -> str | None:
@@ -128,6 +158,7 @@ def fingerprint(threads: int, caps: Capabilities | None = None) -> dict[str, Any
         "torch_threads": torch.get_num_threads(),  # what torch actually uses, vs `threads` asked for
         "device": caps.device,
         "python": platform.python_version(),
+        "software": {k: v for k, v in software().items() if isinstance(v, str)},
     }
     if caps.cuda:
         fp.update(gpu=caps.gpu_name, gpu_capability=list(caps.gpu_capability or ()),

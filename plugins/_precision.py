@@ -186,32 +186,41 @@ INT8 = ("dynamic_int8", "static_int8")
 PRECISIONS = ("none", "dynamic_int8", "static_int8", "fp16", "bf16")
 
 
-def _installed(*modules: str) -> bool:
-    import importlib.util
+def software(caps: Capabilities | None = None) -> dict[str, Any]:
+    """What the worker reported it has installed (optagent.hardware.software); probed here when the
+    capabilities were built by hand without it."""
+    reported = (caps.extra or {}).get("software") if caps is not None else None
+    if reported:
+        return dict(reported)
+    from optagent.hardware import software as probe
 
-    try:
-        return all(importlib.util.find_spec(m) is not None for m in modules)
-    except (ImportError, ValueError):
-        return False
+    return probe()
 
 
-def compile_ok(device: str) -> bool:
+def compile_ok(device: str, caps: Capabilities | None = None) -> bool:
     """Inductor is there, and on CPU a C++ compiler for its generated kernels."""
-    import os
-    import shutil
-
-    if not _installed("torch._inductor"):
-        return False
-    return device == "cuda" or any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++"))
+    have = software(caps)
+    return bool(have.get("inductor")) and (device == "cuda" or bool(have.get("cxx")))
 
 
-def onnx_ok() -> bool:
-    return _installed("onnx", "onnxruntime", "onnxscript")
+def onnx_ok(caps: Capabilities | None = None) -> bool:
+    have = software(caps)
+    return all(have.get(p) for p in ("onnx", "onnxruntime", "onnxscript"))
 
 
-def ort_gpu_providers() -> list[str]:
+def missing_engines(caps: Capabilities | None = None) -> dict[str, str]:
+    """Engines not offered on this machine, with the reason and the fix (shown by `optagent plugins`)."""
+    out = {}
+    if not compile_ok("cpu", caps):
+        out["compile"] = "torch.compile needs a C++ compiler on the CPU (install g++, or set CXX)"
+    if not onnx_ok(caps):
+        out["onnxruntime"] = "onnx, onnxruntime and onnxscript are not all installed; pip install 'optagent[onnx]'"
+    return out
+
+
+def ort_gpu_providers(caps: Capabilities | None = None) -> list[str]:
     """ONNX Runtime's GPU execution providers present in this install (TensorRT first)."""
-    if not onnx_ok():
+    if not onnx_ok(caps) or (caps is not None and caps.device != "cuda"):
         return []
     import onnxruntime as ort
 
@@ -220,10 +229,11 @@ def ort_gpu_providers() -> list[str]:
 
 
 def offered_engines(ctx: SpaceContext) -> list[str]:
+    caps = ctx.capabilities
     engines = ["eager"]
-    if compile_ok(ctx.capabilities.device):
+    if compile_ok(caps.device, caps):
         engines.append("compile")
-    if onnx_ok():
+    if onnx_ok(caps):
         engines.append("onnxruntime")
     return engines
 
@@ -236,11 +246,11 @@ def engine_precisions(ctx: SpaceContext) -> dict[str, list[str]]:
     out = {"eager": offered_modes(ctx)}
     engines = offered_engines(ctx)
     if "compile" in engines:
-        pt2e = cpu and caps.x86 and _installed("torchao")  # PT2E with the x86 Inductor quantizer
+        pt2e = cpu and caps.x86 and bool(software(caps).get("torchao"))  # PT2E with the x86 Inductor quantizer
         out["compile"] = ["none", *(int8_modes(ctx) if pt2e else []), *(["fp16"] if cuda else []),
                           *(["bf16"] if bf16 else [])]
     if "onnxruntime" in engines:
         # onnxruntime.quantization's int8 kernels are CPU kernels; it has no CPU bf16 kernels
         out["onnxruntime"] = ["none", *(int8_modes(ctx) if cpu else []),
-                              *(["fp16"] if cuda and ort_gpu_providers() else [])]
+                              *(["fp16"] if cuda and ort_gpu_providers(caps) else [])]
     return out

@@ -75,7 +75,7 @@ class RuntimeStrategy(Strategy):
         if "onnxruntime" in engines:
             space.append(categorical("ort_level", ("basic", "extended", "all"), when={"engine": ["onnxruntime"]},
                                      help="ONNX Runtime graph optimization level"))
-            gpu = ort_gpu_providers() if cuda else []
+            gpu = ort_gpu_providers(ctx.capabilities) if cuda else []
             if gpu:
                 space.append(categorical("ort_provider", gpu, when={"engine": ["onnxruntime"]},
                                          help="ONNX Runtime execution provider on this GPU worker"))

@@ -256,17 +256,23 @@ def test_the_precision_table_follows_the_hardware() -> None:
         assert "bf16" in cpu["compile"] and "fp16" not in cpu["compile"]
     gpu = engine_precisions(SpaceContext(capabilities=_caps(device="cuda", cuda=True, gpu_name="fake")))
     if "onnxruntime" in gpu:  # int8 kernels are CPU kernels; fp16 only with a GPU execution provider here
-        assert gpu["onnxruntime"] == ["none"] + (["fp16"] if ort_gpu_providers() else [])
+        assert gpu["onnxruntime"] == ["none"] + (["fp16"] if ort_gpu_providers(_caps(device="cuda", cuda=True))
+                                                 else [])
 
 
-def test_engines_are_offered_only_where_they_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    import optagent.plugins.runtime as rt
+def test_engines_are_offered_only_where_the_worker_has_them() -> None:
+    """The space follows what the *worker* reported it has installed, not what the coordinator has."""
+    from optagent.plugins._precision import missing_engines
 
-    ctx = SpaceContext(capabilities=_caps())
-    monkeypatch.setattr(rt, "onnx_ok", lambda: False)
-    monkeypatch.setattr(rt, "compile_ok", lambda device: False)
+    bare = _caps(extra={"software": {"torch": "2.13.0", "inductor": True, "cxx": None}})
+    ctx = SpaceContext(capabilities=bare)
     assert offered_engines(ctx) == ["eager"]
     assert [p.name for p in RUNTIME.search_space(ctx)] == ["engine"]
+    why = missing_engines(bare)
+    assert "C++ compiler" in why["compile"] and "pip install 'optagent[onnx]'" in why["onnxruntime"]
+    full = _caps(extra={"software": {"torch": "2.13.0", "inductor": True, "cxx": "g++", "onnx": "1", "onnxruntime": "1",
+                                     "onnxscript": "1"}})
+    assert offered_engines(SpaceContext(capabilities=full)) == ["eager", "compile", "onnxruntime"]
 
 
 # -- a short search through the CLI -----------------------------------------------------------------
