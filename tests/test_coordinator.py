@@ -281,3 +281,32 @@ def test_an_option_that_fails_three_times_alike_is_dropped(db: tuple[Any, str], 
     structured_runs = [p for n, p in executor.sent if p["params"].get("pruning", {}).get("method") == "structured"]
     assert len(structured_runs) == 3  # never sent again once dropped
     assert coordinator.spent() == 12
+
+
+def test_the_warm_start_tries_each_engine_then_each_precision_on_the_fastest(db: tuple[Any, str], tmp_path: Path,
+                                                                           registry: Any) -> None:
+    from optagent.testing.fake import FAKE_CAPABILITIES, fake_metrics
+
+    def metrics(params: dict[str, Any]) -> dict[str, float]:
+        m = fake_metrics(params)
+        if (params.get("runtime") or {}).get("engine") == "onnxruntime":
+            m.update(speedup=m["speedup"] * 3, latency_ms=m["latency_ms"] / 3)
+        return m
+
+    software = {"torch": "2.13.0", "inductor": True, "cxx": "g++", "onnx": "1", "onnxruntime": "1", "onnxscript": "1"}
+    FAKE_CAPABILITIES["extra"] = {"software": software}
+    try:
+        engine, url = db
+        job_id = _job(db, tmp_path, n_trials=8, strategies=["quantization", "runtime"], warm_start=True)
+        executor = FakeExecutor(answer=fake_answer(metrics=metrics))
+        events: list[tuple[str, dict[str, Any]]] = []
+        Coordinator(engine, url, job_id, registry, executor, on_event=lambda k, d: events.append((k, d))).run()
+    finally:
+        FAKE_CAPABILITIES["extra"] = {}
+    sent = [p["params"] for n, p in executor.sent if n > 0]
+    assert [p["runtime"]["engine"] for p in sent[:2]] == ["compile", "onnxruntime"]
+    assert all(p["quantization"]["mode"] == "none" for p in sent[:2])
+    phase2 = sent[2:4]
+    assert all(p["runtime"]["engine"] == "onnxruntime" for p in phase2)  # the fastest engine of phase 1
+    assert {p["quantization"]["mode"] for p in phase2} == {"dynamic_int8", "static_int8"}
+    assert any(k == "warm_start" for k, _ in events)

@@ -111,6 +111,8 @@ class LineProgress:
             figures = " ".join(f"{n} {fmt(m.get(n))}" + (" ms" if n == "latency_ms" else "") for n in shown)
             reused = f" (reused from trial {m['reused_from']:.0f})" if "reused_from" in m else ""
             return f"{head} {figures} speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}{reused}"
+        if kind == "warm_start":
+            return f"[{elapsed:6.0f}s] warm start: " + "; ".join(data["design"])
         if kind == "option_dropped":
             return f"[{elapsed:6.0f}s] {data['text']}"
         if kind == "exhausted":

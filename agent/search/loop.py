@@ -32,6 +32,8 @@ from optagent.search.confirmation import confirmation_payload, store_confirmatio
 from optagent.search.records import Records, job_dict, result_fields, trial_dict
 from optagent.search.space import SearchSpace
 from optagent.search.steering import FAILED_VIOLATION, Dropped, Steering
+from optagent.search.warmstart import WarmStart
+from optagent.search.warmstart import describe as describe_design
 from optagent.storage import Job, Trial, utcnow
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class Coordinator:
         self._reused = 0  # trials answered from an earlier trial's result (not run, not counted in the budget)
         self._skipped = 0  # trials sampled with a dropped option (told as failed, no row, not counted)
         self.steering = Steering(self.goal.signs)
+        self.warm = WarmStart(self.space, enabled=False)  # set up with the space, after the baseline
         self._job_json = job_dict(job)
         self._last_beat = 0.0
         self._plugins = {name: info.version or "" for name, info in registry.plugins.items()}
@@ -168,13 +171,28 @@ class Coordinator:
             glue.add_known_trial(self.study, flat, dists, values, {"optagent_number": 0, "baseline": True})
         self._update_front(0, values)
         self.steering.record(0, self.space.off(), "complete", values)
+        self.warm = WarmStart(self.space, self.cfg.warm_start)
+        if self.cfg.warm_start and self.warm.queue:
+            self._emit("warm_start", design=describe_design(self.space))
         self.study.set_user_attr("baseline_metrics", self.goal.baseline)
         self._emit("baseline", metrics=self.goal.baseline)
 
     # -- ask and tell ----------------------------------------------------------------------------------
+    def _design_point(self) -> int:
+        """Enqueue the warm start's next point not measured yet (optagent.search.warmstart); its phase, or 0."""
+        while (point := self.warm.next()) is not None:
+            params, phase = point
+            if self.steering.seen(params) is None and self.steering.blocked(params) is None:
+                flat, _ = self.space.point(params)
+                self.study.enqueue_trial(flat)
+                return phase
+        return 0
+
     def _ask(self) -> None:
+        phase = self._design_point()
         trial = self.study.ask()
         params = self.space.suggest(trial)
+        self.warm.sent(trial.number, phase)
         dropped = self.steering.blocked(params)
         if dropped is not None:
             self._skip(trial, dropped)
@@ -209,6 +227,7 @@ class Coordinator:
             sent = self.records.row(number)
             self._dispatched[number] = (sent.params, sent.recipe) if sent else ({}, "")
         params, recipe = self._dispatched.pop(number)
+        self.warm.told(number, params, result.metrics.get("speedup"), feasible)
         for dropped in self.steering.record(number, params, result.state, values, result.failure_reason):
             result.notes.append(dropped.describe())
             self._emit("option_dropped", option=dropped.option, text=dropped.describe())
@@ -300,10 +319,10 @@ class Coordinator:
     def run(self) -> Job:
         job = self.records.update_job(status=JobStatus.RUNNING, started_at=self.records.job().started_at or utcnow(),
                                       error=None)
-        self.hooks.optagent_job_started(job=job_dict(job))
         deadline = time.monotonic() + self.cfg.timeout_s if self.cfg.timeout_s else None
         status, error = JobStatus.COMPLETED, None
         try:
+            self.hooks.optagent_job_started(job=job_dict(job))
             self._run_baseline()
             self._resume_in_flight()
             self._search(deadline)
@@ -312,16 +331,21 @@ class Coordinator:
         except Cancelled:
             status, error = JobStatus.CANCELLED, "cancelled by `optagent cancel`"
             self._abandon_in_flight()
-        except KeyboardInterrupt:
-            status, error = JobStatus.INTERRUPTED, "interrupted; `optagent resume` continues it"
+        except KeyboardInterrupt:  # Ctrl-C, and SIGTERM/SIGHUP (optagent.api turns them into this)
+            status, error = JobStatus.INTERRUPTED, f"interrupted; `optagent resume {self.job_name}` continues it"
         except UserError as exc:
             status, error = JobStatus.FAILED, str(exc)
             self._abandon_in_flight()
-        except Exception as exc:  # a bug or a lost server: the job says so instead of staying `running`
-            status, error = JobStatus.FAILED, f"{type(exc).__name__}: {exc}"
-            self._abandon_in_flight(quiet=True)
-            self._finish(status, error)
-            raise
+        except BaseException as exc:  # a bug or a lost server: the job says so instead of staying `running`
+            if getattr(exc, "resumable", False):  # e.g. the broker stayed away past --broker-retry-s
+                status, error = JobStatus.INTERRUPTED, str(exc)
+            else:
+                from optagent.security import redact_text
+
+                status, error = JobStatus.FAILED, redact_text(f"{type(exc).__name__}: {exc}")
+                self._abandon_in_flight(quiet=True)
+                self._finish(status, error)
+                raise
         finally:
             self.executor.close()
         job = self._finish(status, error)

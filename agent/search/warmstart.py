@@ -1,0 +1,115 @@
+"""A warm start: a small design of single-strategy trials before the sampler takes over.
+
+A sampler's first trials are random, and in a conditional space with several runtimes and precisions a
+random point often pairs a slow engine with a poor precision. A user's first question is simpler: what
+does each runtime give alone, and each precision on the best of them? So the job first runs
+
+1. each inference engine alone (everything else off, the engine at its default settings), then
+2. each precision alone on the fastest of those engines (the one with the best feasible speedup; eager
+   PyTorch if no engine beat it), once the engine trials have reported.
+
+The trials go to Optuna as enqueued trials, so the sampler learns from them like from its own.
+`optagent plugins` shows the design; `--no-warm-start` turns it off.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from optagent.search.space import SearchSpace
+
+Params = dict[str, dict[str, Any]]
+
+# settings an engine runs with when it is tried alone (its other parameters are left to the sampler)
+ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {"compile": {"compile_mode": "default"},
+                                              "onnxruntime": {"ort_level": "all"},
+                                              "openvino": {"ov_hint": "latency"}}
+
+
+def _choices(space: SearchSpace, strategy: str, name: str, variant: str = "") -> list[Any]:
+    assert space.ctx is not None
+    for s in space.strategies:
+        if s.name == strategy:
+            for p in s.search_space(space.ctx):
+                if p.name == name and p.variant == variant:
+                    return list(getattr(p.distribution, "choices", ()))
+    return []
+
+
+def engines(space: SearchSpace) -> list[str]:
+    """The engines tried alone in phase 1 (every searched engine but eager, which the baseline is)."""
+    return [e for e in _choices(space, "runtime", "engine") if e != "eager"]
+
+
+def precisions(space: SearchSpace, engine: str) -> list[str]:
+    """The precision modes tried alone on `engine` in phase 2."""
+    return [m for m in _choices(space, "quantization", "mode", "" if engine == "eager" else engine) if m != "none"]
+
+
+def engine_trials(space: SearchSpace) -> list[Params]:
+    off = space.off()
+    out = []
+    for engine in engines(space):
+        params = copy.deepcopy(off)
+        params["runtime"] = {"engine": engine, **ENGINE_DEFAULTS.get(engine, {})}
+        out.append(params)
+    return out
+
+
+def precision_trials(space: SearchSpace, engine: str) -> list[Params]:
+    off = space.off()
+    if "quantization" not in off:
+        return []
+    out = []
+    for mode in precisions(space, engine):
+        params = copy.deepcopy(off)
+        if "runtime" in off:
+            params["runtime"] = {"engine": engine, **ENGINE_DEFAULTS.get(engine, {})}
+        params["quantization"] = {"mode": mode}
+        out.append(params)
+    return out
+
+
+def describe(space: SearchSpace) -> list[str]:
+    """The design in words (for `optagent plugins` and the job's first progress line)."""
+    lines = []
+    if engines(space):
+        lines.append(f"each engine alone: {', '.join(engines(space))}")
+    if "quantization" in space.off():
+        lines.append("then each precision alone on the fastest engine (of "
+                     f"{', '.join(precisions(space, 'eager')) or 'none'} on eager PyTorch)")
+    return lines
+
+
+class WarmStart:
+    """The design's trials in order; phase 2 is made once phase 1's results are known."""
+
+    def __init__(self, space: SearchSpace, enabled: bool):
+        self.space = space
+        self.queue: list[Params] = engine_trials(space) if enabled else []
+        self.phase = 1 if enabled else 3  # 1: engines alone, 2: precisions on the fastest, 3: done
+        self.waiting: set[int] = set()  # phase-1 trials sent and not yet told
+        self.speedups: dict[str, float] = {}
+
+    def next(self) -> tuple[Params, int] | None:
+        """The next design point and its phase, if one is ready (None: let the sampler choose)."""
+        if self.phase == 1 and not self.queue and not self.waiting:
+            best = max(self.speedups, key=lambda e: self.speedups[e]) if self.speedups else "eager"
+            self.queue, self.phase = precision_trials(self.space, best), 2
+        if self.queue:
+            return self.queue.pop(0), self.phase
+        if self.phase == 2:
+            self.phase = 3
+        return None
+
+    def sent(self, number: int, phase: int) -> None:
+        if phase == 1:
+            self.waiting.add(number)
+
+    def told(self, number: int, params: Params, speedup: float | None, feasible: bool | None) -> None:
+        if number in self.waiting:
+            self.waiting.discard(number)
+            engine = (params.get("runtime") or {}).get("engine")
+            if engine and feasible and speedup and speedup > max(self.speedups.get(engine, 0.0), 1.0):
+                self.speedups[engine] = speedup
