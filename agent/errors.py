@@ -13,6 +13,17 @@ class TrialFailed(Exception):
     """A trial could not produce a result; the message is stored as the trial's failure reason."""
 
 
+class TrialPruned(TrialFailed):
+    """A trial stopped early because it cannot meet the constraint (recorded as `pruned`, not failed).
+
+    `intermediate` holds the constraint metric by step as reported so far.
+    """
+
+    def __init__(self, reason: str, intermediate: dict[int, float] | None = None):
+        super().__init__(reason)
+        self.intermediate = dict(intermediate or {})
+
+
 def describe(exc: BaseException) -> str:
     """One line for a failure reason: the exception and the file and line that raised it."""
     import traceback

@@ -94,6 +94,7 @@ class _Payload:
     constraint: dict[str, Any] = field(default_factory=dict)  # metric, sign, bound (optagent.strategy.Constraint)
     analyses: dict[str, Any] = field(default_factory=dict)  # Strategy.analysis results, by strategy
     analyze: list[str] = field(default_factory=list)  # strategies whose analysis this (baseline) trial runs
+    pruner: dict[str, Any] = field(default_factory=dict)  # early stopping: kind, earlier curves (trial.early_stop)
     version: int = VERSION
 
     kind: ClassVar[str]

@@ -153,6 +153,7 @@ class SpaceContext:
     # what the baseline trial found out about the model (layer kinds, attention heads, input dtypes, ...)
     model_info: dict[str, Any] = field(default_factory=dict)
     analysis: dict[str, Any] = field(default_factory=dict)  # each strategy's `Strategy.analysis`, by name
+    searched: tuple[str, ...] = ()  # the strategies the job searches (others sit at their off params)
 
 
 LossFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
@@ -200,6 +201,19 @@ class TrialContext:
     # the job's constraint: the metric, +1 when higher is better (-1 lower), and the worst value allowed
     # (None in the baseline trial, which measures what the bound is relative to)
     constraint: Constraint | None = None
+    # early stopping: call `report(step, value_of_the_constraint_metric)` during training; it raises
+    # optagent.errors.TrialPruned when the trial cannot meet the constraint (see optagent.trial.early_stop)
+    should_stop: Callable[[int, float], str | None] = field(default=lambda step, value: None)
+    intermediate: dict[int, float] = field(default_factory=dict)
+
+    def report(self, step: int, value: float) -> None:
+        """Record the constraint metric at a training step; stop the trial if it cannot meet the constraint."""
+        from optagent.errors import TrialPruned
+
+        self.intermediate[int(step)] = float(value)
+        reason = self.should_stop(int(step), float(value))
+        if reason:
+            raise TrialPruned(reason, self.intermediate)
 
     @property
     def train_batch_size(self) -> int:

@@ -8,8 +8,8 @@ zero when training starts (unstructured pruning) stay zero: their masks are re-a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from optagent import inputs as ins
 from optagent.errors import TrialFailed
@@ -31,12 +31,17 @@ if TYPE_CHECKING:
     import torch
 
 MAX_EPOCHS = 3  # trials on a 2-core CPU: recovery, not training from scratch
+MAX_STEPS = 600  # optimizer steps per trial at most, whatever the train split's size (a note says when it cuts)
+REPORT_SAMPLES = 256  # eval samples behind each early-stopping report
+REPORTS_PER_EPOCH = 2  # on epochs of more than LONG_EPOCH steps, also report halfway
+LONG_EPOCH = 200
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 # Each optimizer gets its own learning-rate range: a good SGD rate wrecks a model under Adam.
 LR_RANGES = {"sgd": (1e-3, 1e-1), "adam": (1e-5, 1e-2)}
 SGD_MOMENTUM = 0.9
 EPOCH_CHOICES = tuple(range(1, MAX_EPOCHS + 1))
+COMPRESSING = ("unstructured", "structured")  # pruning methods that change weights or structure
 
 
 def lr_factor(schedule: str, warmup: float, total_steps: int) -> Callable[[int], float]:
@@ -68,8 +73,11 @@ class FinetuneStrategy(Strategy):
 
     def search_space(self, ctx: SpaceContext) -> list[Param]:
         on = {"epochs": EPOCH_CHOICES}
+        # fine-tuning a model nothing compressed only trains the baseline further (and at a high rate loses
+        # accuracy): with pruning in the job it is searched only in trials that prune
+        when = {"pruning.method": list(COMPRESSING)} if "pruning" in ctx.searched else None
         return [
-            integer("epochs", 0, MAX_EPOCHS, help="passes over the train split; 0 = no fine-tuning"),
+            integer("epochs", 0, MAX_EPOCHS, when=when, help="passes over the train split; 0 = no fine-tuning"),
             categorical("optimizer", OPTIMIZERS, when=on, help="SGD (momentum 0.9) or Adam"),
             real("sgd_lr", *LR_RANGES["sgd"], log=True, when={"optimizer": ["sgd"]}, help="peak SGD learning rate"),
             real("adam_lr", *LR_RANGES["adam"], log=True, when={"optimizer": ["adam"]},
@@ -80,7 +88,10 @@ class FinetuneStrategy(Strategy):
         ]
 
     def off_params(self, ctx: SpaceContext) -> Params:
-        return {"epochs": 0}
+        return {} if "pruning" in ctx.searched else {"epochs": 0}
+
+    def is_off(self, params: Params, ctx: SpaceContext) -> bool:
+        return not params.get("epochs")
 
     def apply(self, model: torch.nn.Module, params: Params, trial: TrialContext) -> torch.nn.Module:
         epochs = int(params.get("epochs", 0))
@@ -101,9 +112,12 @@ def train(model: torch.nn.Module, trial: TrialContext, *, epochs: int, optimizer
     torch.manual_seed(trial.seed)
     device = model_device(model, trial.device)
     loader = trial.model_file.loader("train", trial.train_batch_size, shuffle=True, seed=trial.seed)
-    total = epochs * len(loader)
+    total = min(epochs * len(loader), MAX_STEPS)
     if total == 0:
         return model
+    if total < epochs * len(loader):
+        trial.notes.append(f"finetune: capped at {MAX_STEPS} steps ({total / len(loader):.2f} of {epochs} epochs)")
+    report = _reporter(trial, total, len(loader))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrialFailed("finetune: the model has no trainable parameters")
@@ -120,29 +134,65 @@ def train(model: torch.nn.Module, trial: TrialContext, *, epochs: int, optimizer
     masks = zero_masks(model)
     loss_of = trial.loss_fn
 
+    report(model, 0)
     model.train()
+    step = 0
     try:
         with torch.enable_grad():  # the pipeline may run under no_grad
-            for _ in range(epochs):
-                for inputs, targets in loader:
-                    with trial.compute():  # one step at a time: a trial timing on this host gets in between
-                        inputs, targets = to_device(inputs, device), to_device(targets, device)
-                        opt.zero_grad(set_to_none=True)
-                        outputs = ins.call(model, inputs)
-                        loss = (loss_of(outputs, targets, inputs) if loss_of is not None
-                                else trial.model_file.loss(outputs, targets))
-                        if not torch.isfinite(loss):
-                            raise TrialFailed(f"finetune diverged (loss {loss.item()}) with {optimizer} "
-                                              f"lr={lr:.2g}; the search will try other rates")
-                        loss.backward()
-                        opt.step()
-                        sched.step()
-                        with torch.no_grad():
-                            for param, keep in masks:
-                                param.mul_(keep)
+            for inputs, targets in _batches(loader, total):
+                step += 1
+                with trial.compute():  # one step at a time: a trial timing on this host gets in between
+                    inputs, targets = to_device(inputs, device), to_device(targets, device)
+                    opt.zero_grad(set_to_none=True)
+                    outputs = ins.call(model, inputs)
+                    loss = (loss_of(outputs, targets, inputs) if loss_of is not None
+                            else trial.model_file.loss(outputs, targets))
+                    if not torch.isfinite(loss):
+                        raise TrialFailed(f"finetune diverged (loss {loss.item()}) with {optimizer} "
+                                          f"lr={lr:.2g}; the search will try other rates")
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    with torch.no_grad():
+                        for param, keep in masks:
+                            param.mul_(keep)
+                report(model, step)
     finally:
         model.eval()
     return model
+
+
+def _batches(loader: Any, total: int) -> Iterator[Any]:
+    """`total` batches: passes over the loader (reshuffled each pass), the last one cut short."""
+    step = 0
+    while True:
+        for batch in loader:
+            if step >= total:
+                return
+            step += 1
+            yield batch
+
+
+def _reporter(trial: TrialContext, total: int, per_epoch: int) -> Callable[[torch.nn.Module, int], None]:
+    """Reports the constraint metric (on a slice of the eval split) at step 0, each epoch's end, halfway
+    through long epochs and the last step, for early stopping (optagent.trial.early_stop)."""
+    constraint, spec = trial.constraint, trial.settings.get("pruner") or {}
+    if constraint is None or constraint.bound is None or spec.get("kind", "none") == "none":
+        return lambda model, step: None
+    from optagent.trial.early_stop import checker
+
+    trial.should_stop = checker(spec, constraint, total)
+    every = per_epoch // REPORTS_PER_EPOCH if per_epoch > LONG_EPOCH else per_epoch
+
+    def report(model: torch.nn.Module, step: int) -> None:
+        if step != 0 and step != total and step % max(every, 1):
+            return
+        with trial.compute():
+            value = trial.model_file.evaluate(model.eval(), limit=REPORT_SAMPLES)[constraint.metric]
+        model.train()
+        trial.report(step, value)
+
+    return report
 
 
 @hookimpl

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 METHODS = ("none", "unstructured", "structured")
+# unstructured sparsity saves no time on dense kernels: it is searched only when an objective rewards it
+SPARSITY_OBJECTIVES = frozenset({"nonzero_params", "sparsity"})
 UNSTRUCTURED_NOTE = ("unstructured pruning only zeroes weights: dense kernels run no faster, so expect no "
                      "latency gain (use structured pruning for speed)")
 
@@ -100,10 +102,12 @@ class PruningStrategy(Strategy):
                    "and makes the model smaller and faster; unstructured zeroes weights (no speedup).")
 
     def search_space(self, ctx: SpaceContext) -> list[Param]:
+        sparse = any(o.metric in SPARSITY_OBJECTIVES for o in ctx.objectives)
+        methods = [m for m in METHODS if m != "unstructured" or sparse]
         return [
-            categorical("method", METHODS, help="none, unstructured (global L1, zeros) or structured "
-                                                "(channels removed)"),
-            real("amount", 0.1, 0.7, step=0.05, when={"method": METHODS[1:]},
+            categorical("method", methods, help="none, structured (channels removed) or, when an objective rewards "
+                                                "sparsity, unstructured (global L1, zeros)"),
+            real("amount", 0.1, 0.7, step=0.05, when={"method": methods[1:]},
                  help="fraction of weights (unstructured) or of each layer's channels (structured) removed"),
         ]
 

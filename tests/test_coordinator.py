@@ -265,7 +265,7 @@ def test_a_parameter_set_measured_before_is_not_run_again(db: tuple[Any, str], t
 def test_an_option_that_fails_three_times_alike_is_dropped(db: tuple[Any, str], tmp_path: Path,
                                                           registry: Any) -> None:
     engine, url = db
-    job_id = _job(db, tmp_path, n_trials=12, strategies=["pruning"])
+    job_id = _job(db, tmp_path, n_trials=12, strategies=["pruning", "knob"])
 
     def fail(payload: dict[str, Any]) -> str | None:
         method = payload["params"].get("pruning", {}).get("method")

@@ -80,6 +80,7 @@ class Coordinator:
         self._last_beat = 0.0
         self._plugins = {name: info.version or "" for name, info in registry.plugins.items()}
         self.analyses: dict[str, Any] = {}  # Strategy.analysis results, sent with every trial
+        self._curves: list[dict[str, float]] = []  # fine-tuning curves of the constraint metric (early stopping)
 
     # -- small helpers --------------------------------------------------------------------------------
     def _emit(self, kind: str, **data: Any) -> None:
@@ -94,7 +95,8 @@ class Coordinator:
             self.model = ModelRef(self.model.path, self.model.sha256, source)
         payload = make_payload(self.cfg, JobRef(self.job_id, self.job_name), self.model, number, params, self._plugins)
         constraint = {"metric": self.goal.metric, "sign": self.goal.sign, "bound": self.goal.bound()}
-        return payload.replace(constraint=constraint, analyses=self.analyses)
+        pruner = {"kind": self.cfg.pruner, "history": self._curves[-50:]}
+        return payload.replace(constraint=constraint, analyses=self.analyses, pruner=pruner)
 
     def _beat(self) -> None:
         now = time.monotonic()
@@ -228,6 +230,8 @@ class Coordinator:
             self._dispatched[number] = (sent.params, sent.recipe) if sent else ({}, "")
         params, recipe = self._dispatched.pop(number)
         self.warm.told(number, params, result.metrics.get("speedup"), feasible)
+        if result.intermediate:
+            self._curves.append(dict(result.intermediate))
         for dropped in self.steering.record(number, params, result.state, values, result.failure_reason):
             result.notes.append(dropped.describe())
             self._emit("option_dropped", option=dropped.option, text=dropped.describe())
@@ -307,6 +311,8 @@ class Coordinator:
             self._finished.add(row.number)
             self._failed += row.state != "complete"
             self._reused += "reused_from" in row.metrics
+            if (row.samples or {}).get("intermediate"):
+                self._curves.append(dict(row.samples["intermediate"]))
             self.references.note(row.metrics, row.worker)
             for dropped in self.steering.record(row.number, row.params, row.state, row.values, row.failure_reason):
                 self._emit("option_dropped", option=dropped.option, text=dropped.describe())

@@ -71,7 +71,8 @@ def result_fields(result: TrialResult, values: list[float] | None, feasible: boo
     if result.model_info:
         hardware["model_info"] = result.model_info
     state = result.state if result.state in (TrialState.COMPLETE, TrialState.PRUNED) else TrialState.FAILED
-    return {"state": str(state), "metrics": result.metrics, "samples": result.samples, "values": values,
+    samples = {**result.samples, "intermediate": result.intermediate} if result.intermediate else result.samples
+    return {"state": str(state), "metrics": result.metrics, "samples": samples, "values": values,
             "feasible": feasible, "failure_reason": result.failure_reason, "notes": list(result.notes),
             "duration_s": result.duration_s, "hardware": hardware, "worker": result.worker,
             "finished_at": utcnow()}

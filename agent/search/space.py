@@ -44,7 +44,8 @@ class SearchSpace:
                                 default_batch_size=int(info.get("default_batch_size", 1)),
                                 has_conv=bool(info.get("has_conv", True)),
                                 has_linear=bool(info.get("has_linear", True)),
-                                model_info=dict(info), analysis=dict(analyses or {}))
+                                model_info=dict(info), analysis=dict(analyses or {}),
+                                searched=tuple(s.name for s in self.strategies))
         self.fixed = {s.name: s.off_params(self.ctx) for s in self._unsearched}
 
     @property

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from optagent.errors import TrialFailed, UserError, describe
+from optagent.errors import TrialFailed, TrialPruned, UserError, describe
 from optagent.protocol import ConfirmPayload, ConfirmResult, ProtocolError, TrialResult, WorkerInfo, parse_payload
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,17 @@ def run_trial(message: dict[str, Any]) -> dict[str, Any]:
                                             worker=worker).to_json()
         from optagent.trial.pipeline import run
 
-        return run(payload, started, worker, hardware).to_json()
+        try:
+            return run(payload, started, worker, hardware).to_json()
+        except TrialPruned as exc:
+            last = exc.intermediate[max(exc.intermediate)] if exc.intermediate else None
+            metric = (payload.constraint or {}).get("metric")
+            result = TrialResult.failed(number, str(exc), duration_s=time.perf_counter() - started, worker=worker,
+                                        hardware=hardware, state="pruned")
+            result.intermediate = {str(k): v for k, v in exc.intermediate.items()}
+            if metric and last is not None:
+                result.metrics = {metric: last}
+            return result.to_json()
     except ProtocolError as exc:
         reason = f"worker refused the payload: {exc}"
         if isinstance(message, dict) and message.get("kind") == "confirm":

@@ -160,11 +160,13 @@ def build(payload: TrialPayload, worker_host: str | None = None) -> Built:
     space = SpaceContext(capabilities=caps,
                          objectives=tuple(Objective.parse(o) for o in payload.objectives),
                          default_batch_size=mf.default_batch_size, has_conv=info["has_conv"],
-                         has_linear=info["has_linear"], model_info=info, analysis=dict(payload.analyses))
+                         has_linear=info["has_linear"], model_info=info, analysis=dict(payload.analyses),
+                         searched=tuple(names))
     constraint = Constraint(**payload.constraint) if payload.constraint else None
     ctx = TrialContext(model_file=mf, baseline=baseline, device=device, capabilities=caps, params=params,
                        seed=seed, threads=threads, analysis=dict(payload.analyses), constraint=constraint)
     ctx.compute = compute
+    ctx.settings["pruner"] = dict(payload.pruner)  # read by fine-tuning (optagent.trial.early_stop)
     chosen = [registry.strategies[name] for name in names]
     for strategy in chosen:
         strategy.configure(dict(params.get(strategy.name) or strategy.off_params(space)), ctx)
@@ -249,7 +251,8 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
         trial=payload.trial, state="complete", metrics=metrics,
         samples={"latency_ms": list(cand.samples_ms), "baseline_latency_ms": list(base.samples_ms)},
         notes=ctx.notes, duration_s=time.perf_counter() - started, hardware=hardware, worker=worker,
-        capabilities=ctx.capabilities.to_json(), model_info=built.space.model_info, analyses=analyses)
+        capabilities=ctx.capabilities.to_json(), model_info=built.space.model_info, analyses=analyses,
+        intermediate={str(k): v for k, v in ctx.intermediate.items()})
 
 
 def _analyse(built: Built, names: list[str]) -> dict[str, Any]:
