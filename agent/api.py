@@ -13,9 +13,12 @@ when the job ends (completed, cancelled, interrupted); a job that fails raises U
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,55 +118,151 @@ def jobs(db: str | None = None) -> list[JobReport]:
         return [JobReport(j, job_trials(s, j.id or 0)) for j in s.exec(select(Job).order_by(Job.id))]
 
 
-def _executor(cfg: JobConfig, broker: str | None, job_key: str) -> Any:
+def _executor(cfg: JobConfig, broker: str | None, job_key: str, job_name: str) -> Any:
     if broker:
         from optagent.executors.celery import CeleryExecutor
 
-        return CeleryExecutor(broker, queue=cfg.queue, job_key=job_key, max_attempts=cfg.max_attempts)
+        return CeleryExecutor(broker, queue=cfg.queue, job_key=job_key, max_attempts=cfg.max_attempts,
+                              broker_retry_s=cfg.broker_retry_s, job_name=job_name)
     from optagent.executors.local import LocalExecutor
 
     return LocalExecutor(workers=cfg.workers, time_limit_s=cfg.trial_timeout_s)
 
 
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a service stop, a closed terminal) stop the coordinator like Ctrl-C: the job ends
+    `interrupted`, so `optagent resume` continues it, instead of staying `running` with no coordinator."""
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _run(engine: Any, url: str, job_id: int, broker: str | None, registry: Any, on_event: EventSink | None,
          executor: Any = None) -> JobReport:
     from optagent.search import Coordinator
-    from optagent.storage import Job
+    from optagent.storage import Job, utcnow
 
     with Session(engine) as s:
         job = s.get(Job, job_id)
         assert job is not None
-        cfg, key = JobConfig.of(job), job.key or f"job{job.id}"
-    executor = executor or _executor(cfg, broker, key)
-    Coordinator(engine, url, job_id, registry, executor, on_event=on_event).run()
+        cfg, key, name = JobConfig.of(job), job.key or f"job{job.id}", job.name
+    with _signals_interrupt():
+        try:
+            executor = executor or _executor(cfg, broker, key, name)
+            coordinator = Coordinator(engine, url, job_id, registry, executor, on_event=on_event)
+        except BaseException as exc:  # nothing ran: the job says why instead of staying pending
+            from optagent.security import redact_text
+
+            with Session(engine) as s:
+                row = s.get(Job, job_id)
+                if row is not None and row.status == JobStatus.PENDING:
+                    row.status, row.finished_at = JobStatus.FAILED, utcnow()
+                    row.error = redact_text(str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+                    s.add(row)
+                    s.commit()
+            raise
+        coordinator.run()
     return report(str(job_id), url)
+
+
+def _check_strategies(names: list[str], registry: Any) -> None:
+    from optagent.job import did_you_mean
+
+    known = sorted(registry.strategies)
+    for n in names:
+        if n not in registry.strategies:
+            raise UserError(f"unknown strategy {n!r}{did_you_mean(n, known)}; installed strategies: "
+                            f"{', '.join(known) or 'none'} (see `optagent plugins`)")
+
+
+def _check_metrics(cfg: JobConfig, found: Any, registry: Any) -> None:
+    """Objectives and the constraint metric against what a trial will report: the model file's metrics (from
+    the preflight's one evaluation), optagent's measurements and the plugins' metrics."""
+    from optagent.job import did_you_mean
+    from optagent.metrics import RESERVED
+
+    measured = found.metric_names()
+    known = sorted(set(measured) | RESERVED | set(registry.metrics))
+    wanted = [("--objective", o.metric) for o in cfg.parsed_objectives]
+    if cfg.max_accuracy_drop is not None or cfg.max_relative_drop is not None:
+        wanted.append(("--constraint-metric", cfg.constraint_name))
+    for option, metric in wanted:
+        if metric not in known:
+            builtin = ", ".join(["latency_ms", "throughput", "speedup", *sorted(registry.metrics)])
+            raise UserError(f"{option} {metric}: no trial measures {metric!r}{did_you_mean(metric, known)}; "
+                            f"evaluate() returns {', '.join(measured) or 'nothing'} and optagent measures "
+                            f"{builtin} (docs/metrics.md)")
+
+
+def _check_broker(broker: str, insecure: bool) -> None:
+    from optagent.security import require_secret
+    from optagent.workers.celery_app import BrokerUrl, check_broker
+
+    BrokerUrl.parse(broker)  # a malformed URL is named as such, before anything else is said about it
+    require_secret(broker, insecure, "optagent search")
+    check_broker(broker)  # a URL that parses, and a server that answers
 
 
 def search(model: str | os.PathLike[str], *, db: str | None = None, broker: str | None = None,
            name: str | None = None, on_event: EventSink | None = None, registry: Any = None,
-           executor: Any = None, **options: Any) -> JobReport:
+           executor: Any = None, import_timeout_s: float = 60.0, insecure: bool = False,
+           **options: Any) -> JobReport:
     """Search strategy compositions for a model file; `options` are `JobConfig` fields (n_trials,
-    objectives, strategies, workers, threads, ...). Returns when the job ends."""
-    from optagent.contract import ModelFile
+    objectives, strategies, workers, threads, ...). Returns when the job ends.
+
+    Everything is checked before the job row is written, cheapest first: the options, the name, the
+    database, the broker (reachable; OPTAGENT_SECRET unless on loopback or `insecure`), then the model file
+    in a child process under `import_timeout_s` per piece (optagent.preflight), whose one evaluation
+    gives the metric names the objectives and the constraint are checked against, and whether --device
+    cuda can work here."""
+    from optagent import preflight
+    from optagent.contract import sha256_bytes
+    from optagent.job import default_name, validate_name
     from optagent.registry import build_registry
     from optagent.search import create_job
+    from optagent.storage import Job
 
     unknown = sorted(set(options) - set(JobConfig.__dataclass_fields__) - {"model_path"})
     if unknown:
         raise UserError(f"unknown search option {', '.join(unknown)}; see optagent.job.JobConfig for the options")
-    mf = ModelFile.from_path(model)  # fails early, with the fix, on a missing or broken file
+    if name is not None:
+        validate_name(name)
     registry = registry or build_registry()
     strategies = options.pop("strategies", None)
     names = list(registry.strategies) if strategies is None else [s.strip() for s in strategies if s.strip()]
-    for n in names:
-        registry.strategy(n)
+    _check_strategies(names, registry)
     options = {k: v for k, v in options.items() if v is not None or k in ("n_trials", "timeout_s")}
     workers = int(options.get("workers") or 1)
     options.setdefault("threads", max(1, (os.cpu_count() or 1) // workers))
     options["executor"] = "celery" if broker else "local"
-    cfg = JobConfig(model_path=str(Path(mf.path).resolve()), strategies=names, **options).validate()
+    cfg = JobConfig(model_path=str(Path(model).resolve()), strategies=names, **options).validate()
     engine, url = _engine(db)
-    job = create_job(engine, cfg, name, mf.sha256)
+    if name is not None:
+        with Session(engine) as s:
+            if s.exec(select(Job).where(Job.name == name)).first() is not None:
+                raise UserError(f"a job named {name!r} already exists; pick another --name or "
+                                f"`optagent resume {name}`")
+    if broker and executor is None:
+        _check_broker(broker, insecure)
+    found = preflight.run(model, timeout_s=import_timeout_s)
+    found.raise_first()
+    _check_metrics(cfg, found, registry)
+    if cfg.device == "cuda" and not broker and not found.cuda:
+        raise UserError("--device cuda: torch sees no usable CUDA device on this machine; use --device cpu (or "
+                        "auto), or send the trials to GPU workers with --broker")
+    digest = sha256_bytes(Path(model).read_bytes())
+    job = create_job(engine, cfg, name or default_name(cfg.model_path, dt.datetime.now().strftime("%Y%m%d-%H%M%S")),
+                     digest)
     assert job.id is not None
     if on_event:
         on_event("job_created", {"job": {"id": job.id, "name": job.name}, "config": cfg.to_json(),
@@ -172,7 +271,7 @@ def search(model: str | os.PathLike[str], *, db: str | None = None, broker: str 
 
 
 def resume(job: str, *, db: str | None = None, broker: str | None = None, on_event: EventSink | None = None,
-           registry: Any = None, executor: Any = None) -> JobReport:
+           registry: Any = None, executor: Any = None, insecure: bool = False) -> JobReport:
     """Continue a job whose coordinator stopped: keep results that arrived, re-run what was lost, finish."""
     from optagent.registry import build_registry
 
@@ -183,6 +282,8 @@ def resume(job: str, *, db: str | None = None, broker: str | None = None, on_eve
         raise UserError(f"job {current.job.name} is already completed; start a new search instead")
     if cfg.executor == "celery" and not broker and executor is None:
         raise UserError(f"job {current.job.name} ran on Celery workers; pass --broker (or OPTAGENT_BROKER_URL)")
+    if cfg.executor == "celery" and broker and executor is None:
+        _check_broker(broker, insecure)
     return _run(engine, url, current.job.id, broker if cfg.executor == "celery" else None,
                 registry or build_registry(), on_event, executor)
 

@@ -246,13 +246,8 @@ class Inspection:
     input: str = ""  # the example input's form (optagent.inputs.describe)
 
 
-def check(path: str) -> tuple[ModelFile | None, list[Problem]]:
-    """Validate a model file piece by piece, naming each problem and its fix (see `inspect`)."""
-    found = inspect(path)
-    return found.model_file, found.problems
-
-
-def inspect(path: str, *, evaluate: bool = True, on_stage: Callable[[str], None] | None = None) -> Inspection:
+def inspect(path: str, *, evaluate: bool = True, on_stage: Callable[[str], None] | None = None,
+            reserved: frozenset[str] = frozenset()) -> Inspection:
     """Validate a model file piece by piece, naming each problem and its fix (`optagent check`, and every
     command that takes a model file, in a child process: optagent.preflight).
 
@@ -260,13 +255,13 @@ def inspect(path: str, *, evaluate: bool = True, on_stage: Callable[[str], None]
     non-empty map-style data sets of (input, target) pairs; example_input() is one batch (a tensor, tuple
     or dict of tensors, batch >= 1) of the same form as the eval samples (structure, dtypes and shapes
     apart from the batch); the model runs on it; evaluate() (unless `evaluate` is False) returns finite
-    floats under names that are not optagent's own measurements. `on_stage(piece)` is called before each
-    piece runs, so a caller watching from outside knows where a model file hangs.
+    floats under names that are not optagent's own measurements (`reserved`: optagent.metrics.RESERVED).
+    `on_stage(piece)` is called before each piece runs, so a caller watching from outside knows where a
+    model file hangs.
     """
     import torch
 
     from optagent import inputs as ins
-    from optagent.metrics import RESERVED
 
     stage = on_stage or (lambda piece: None)
     problems: list[Problem] = []
@@ -341,7 +336,7 @@ def inspect(path: str, *, evaluate: bool = True, on_stage: Callable[[str], None]
                 problems.append(Problem("evaluate()", f"returned non-finite values for {', '.join(bad)}",
                                         "return finite floats (a NaN or inf metric cannot be compared with the "
                                         "baseline)"))
-            taken = sorted(set(metrics) & RESERVED)
+            taken = sorted(set(metrics) & reserved)
             if taken:
                 problems.append(Problem("evaluate()", f"returns {', '.join(taken)}, which optagent measures itself",
                                         "rename these metrics (e.g. my_latency_ms); optagent's own figures keep "

@@ -23,6 +23,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRUNERS = ("none", "median", "constraint")
 EXECUTORS = ("local", "celery")
 _QUEUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+NAME_MAX = 100
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 class JobStatus(str, enum.Enum):
@@ -81,6 +83,37 @@ def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
         return f" (did you mean {lowered[name.lower()]}?)"
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def is_queue_name(name: str) -> bool:
+    """Whether `name` can name a Celery queue (a hardware pool): letters, digits, '.', '_', '-'."""
+    return bool(_QUEUE.match(name))
+
+
+def validate_name(name: str) -> str:
+    """A job name as given to --name, or UserError: names are shown in terminals, used in file names and
+    looked up after ids, so they are letters, digits, '.', '_' and '-' (at most NAME_MAX), start with a
+    letter or digit, and are not purely numeric."""
+    shown = repr(name[:40] + ("..." if len(name) > 40 else ""))
+    fix = "use letters, digits, '.', '_' and '-', starting with a letter or digit, e.g. --name resnet-int8"
+    if not name:
+        raise UserError(f"--name is empty; {fix}")
+    if len(name) > NAME_MAX:
+        raise UserError(f"--name {shown} is {len(name)} characters long; use at most {NAME_MAX}")
+    if not _NAME.match(name):
+        raise UserError(f"--name {shown} has characters a job name cannot hold; {fix}")
+    if name.isdigit():
+        raise UserError(f"--name {shown} is a number, which `optagent status` would read as a job id; add a "
+                        "letter, e.g. --name run-" + name[:20])
+    return name
+
+
+def default_name(model_path: str, stamp: str) -> str:
+    """`<model file stem>-<stamp>`, the stem reduced to the characters a job name may hold."""
+    from pathlib import Path
+
+    stem = re.sub(r"[^A-Za-z0-9_.\-]+", "-", Path(model_path).stem).strip("-._")[:NAME_MAX - len(stamp) - 1]
+    return f"{stem or 'model'}-{stamp}"
 
 
 @dataclass

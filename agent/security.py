@@ -65,23 +65,78 @@ def verify_payload(payload: dict[str, Any], secret: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password (userinfo or a password-like query parameter) replaced by ***."""
+    """`url` with its password (userinfo or a password-like query parameter) replaced by ***.
+
+    A URL that does not parse (a typo such as `postgresql+psycopg:/user:SECRET@host/db`) is masked by
+    pattern instead: whatever stands between a `user:` and an `@` is taken for a password.
+    """
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
-        return MASK  # unparseable: it may hold a password anywhere, so show nothing
-    netloc = parts.netloc
+        return redact_text(url)
+    netloc, query = parts.netloc, parts.query
     if password is not None:
         user = parts.username or ""
         host = netloc.rsplit("@", 1)[1]
         netloc = f"{user}:{MASK}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() in _SECRET_QUERY_KEYS for k, _ in pairs):
-            query = urlencode([(k, MASK if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*/")
-    return urlunsplit(SplitResult(parts.scheme, netloc, parts.path, query, parts.fragment))
+    pairs = parse_qsl(query, keep_blank_values=True) if query else []
+    if any(k.lower() in _SECRET_QUERY_KEYS for k, _ in pairs):
+        query = urlencode([(k, MASK if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*/")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return redact_text(url)  # nothing urlsplit could see (or a malformed URL): mask by pattern, keep the text
+    return redact_text(urlunsplit(SplitResult(parts.scheme, netloc, parts.path, query, parts.fragment)))
+
+
+# user:password@ after a scheme, however many slashes (none, one, two): everything up to the last '@' before the
+# host is masked, so a password holding ':' or '/' is masked whole
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*:/{0,3}[^\s:/@'\"]*:)(?P<secret>[^\s'\"]*)(?=@)")
+_QUERY_SECRET = re.compile(r"(?P<head>[?&;](?:" + "|".join(sorted(_SECRET_QUERY_KEYS)) + r")=)(?P<secret>[^&\s'\"]+)",
+                           re.IGNORECASE)
+_PASSWORD_WORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<secret>[^\s'\"]+)", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """Every URL-like password in free text masked: `scheme:[//]user:PASSWORD@host`, `?password=...`, and
+    libpq's `password=...` (drivers echo connection strings in their errors, well-formed or not)."""
+    text = _USERINFO.sub(lambda m: m.group("head") + MASK, text)
+    text = _QUERY_SECRET.sub(lambda m: m.group("head") + MASK, text)
+    return _PASSWORD_WORD.sub(lambda m: m.group("head") + MASK, text)
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback(url: str) -> bool:
+    """Whether a broker URL points at this machine's loopback interface (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    try:
+        host = (urlsplit(url.strip()).hostname or "").lower()
+    except ValueError:
+        return False
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_secret(broker_url: str, insecure: bool, who: str) -> None:
+    """Secure by default: payloads carry code, so a broker other hosts can reach needs OPTAGENT_SECRET.
+
+    Raises UserError (one line, with the fix) when `broker_url` is not on loopback, no secret is set and
+    `insecure` was not asked for. `who` names the command for the message (`optagent worker`, ...).
+    """
+    from optagent.errors import UserError
+
+    if insecure or secret_from_env() or is_loopback(broker_url):
+        return
+    raise UserError(f"{who}: the broker {redact_url(broker_url)} is reachable from other hosts and OPTAGENT_SECRET "
+                    "is not set, so anyone who can write to it could run code on the workers; export the same "
+                    "long random OPTAGENT_SECRET on the coordinator and every worker (or pass --insecure on a "
+                    "trusted network)")
 
 
 class RedactingFilter(logging.Filter):

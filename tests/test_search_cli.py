@@ -147,13 +147,12 @@ def test_debug_shows_the_traceback(workdir: Path) -> None:
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_unknown_objective_metric_fails_the_job_clearly(workdir: Path) -> None:
+def test_unknown_objective_metric_is_refused_before_the_job_exists(workdir: Path) -> None:
     proc = run("search", "tiny_model.py", "--trials", "1", "--objective", "bleu:max", "--name", "bad-objective",
                cwd=workdir)
     assert proc.returncode == 2
-    assert "metric bleu is not measured" in proc.stderr and "accuracy" in proc.stderr
-    status = json.loads(run("status", "bad-objective", "--json", cwd=workdir).stdout)
-    assert status["status"] == "failed" and "bleu" in status["error"]
+    assert "no trial measures 'bleu'" in proc.stderr and "evaluate() returns accuracy" in proc.stderr
+    assert run("status", "bad-objective", cwd=workdir).returncode == 2  # no job was created
 
 
 def test_check_names_missing_pieces(tmp_path: Path) -> None:

@@ -131,6 +131,14 @@ def make_app(broker_url: str, *, result_expires: int = RESULT_EXPIRES_S, vt: int
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
+        # a lost broker (restart, failover) is waited for: `optagent worker` watches it and gives up after
+        # --broker-retry-s; running trials go on meanwhile, and their results are stored once Redis is back
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        result_backend_always_retry=True,
+        result_backend_max_retries=20,
+        result_backend_max_sleep_between_retries_ms=5000,
         redis_socket_connect_timeout=5,
         redis_backend_health_check_interval=30,
         worker_hijack_root_logger=True,
@@ -141,6 +149,27 @@ def make_app(broker_url: str, *, result_expires: int = RESULT_EXPIRES_S, vt: int
         app.conf.broker_use_ssl = dict(broker.ssl)
         app.conf.redis_backend_use_ssl = dict(broker.ssl)
     return app
+
+
+def broker_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the broker is not answering" (not "the broker refused this")."""
+    import redis.exceptions as rex
+    from kombu.exceptions import OperationalError
+
+    return (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, OperationalError, ConnectionError,
+            TimeoutError)
+
+
+def check_broker(broker_url: str) -> None:
+    """A broker URL that parses and a Redis that answers, or UserError with the fix (nothing is sent)."""
+    app = make_app(broker_url)
+    try:
+        app.backend.client.ping()
+    except Exception as exc:
+        raise UserError(f"cannot reach the broker at {redact_url(broker_url)} ({type(exc).__name__}); start "
+                        "Redis there, or fix --broker / OPTAGENT_BROKER_URL (password, host, port, TLS)") from None
+    finally:
+        app.close()
 
 
 def keys(task_id: str) -> dict[str, str]:

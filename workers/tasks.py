@@ -119,9 +119,11 @@ if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then
 end
 return {'busy'}
 """
-# refresh the lease only if this process still holds it (KEYS: lease; ARGV: owner, ttl)
+# refresh the lease if this process still holds it, or take it back if it lapsed while no one else took it (a
+# broker restart longer than the lease's TTL) (KEYS: lease; ARGV: owner, ttl)
 _REFRESH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2])) end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] or not holder then return redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2])) end
 return false
 """
 # release the lease only if this process still holds it (KEYS: lease; ARGV: owner)

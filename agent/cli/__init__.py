@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from optagent.cli import _read, _search
-from optagent.cli._common import err
 from optagent.errors import UserError
 
 app = typer.Typer(name="optagent", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -61,32 +60,64 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _usage_error(exc: Exception) -> str:
+    """A Typer/Click usage error as one line with its fix (never the usage block and a framed box)."""
+    text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    text = text.replace("Input should be a valid integer, unable to parse string as an integer",
+                        "not a whole number").replace("Input should be a valid number, unable to parse string "
+                                                      "as a number", "not a number")
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "optagent"
+    return f"error: {text.rstrip('.')}; see `{command} --help`"
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`, even when a model file imported here left a non-daemon thread running."""
+    import os
+    import threading
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        os._exit(code)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Entry point: bad input is one line on stderr and exit code 2; --debug shows the traceback."""
+    """Entry point and the one error path: a user error is one line on stderr and exit 2, an internal one a
+    line and exit 1 (--debug shows the traceback); user text is never read as markup and URLs never show a
+    password."""
+    from optagent.cli._common import say_error
+
+    try:
+        from typer._click.exceptions import ClickException, UsageError
+    except ImportError:  # pragma: no cover - a Typer that uses click itself
+        from click import ClickException, UsageError  # type: ignore[assignment]
+
     debug = "--debug" in sys.argv[1:]
+    code = 0
     try:
         rc = app(standalone_mode=False)
-        sys.exit(rc if isinstance(rc, int) else 0)
+        code = rc if isinstance(rc, int) else 0
     except UserError as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", markup=False)
-        sys.exit(exc.exit_code)
+        say_error(f"error: {exc}")
+        code = exc.exit_code
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        code = exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        say_error("interrupted")
+        code = 130
+    except UsageError as exc:
+        say_error(_usage_error(exc))
+        code = 2
+    except ClickException as exc:
+        say_error(f"error: {exc.format_message()}")
+        code = exc.exit_code
+    except Exception as exc:  # anything unexpected: a bug, or a server that went away
         if debug:
             raise
-        err.print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", markup=False)
-        sys.exit(1)
+        say_error(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        code = 1
+    _exit(code)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 DbOpt = Annotated[str | None, typer.Option("--db", envvar="OPTAGENT_DB", show_envvar=True,
                                            help="Database URL [default: sqlite:///optagent.db]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 JobArg = Annotated[str, typer.Argument(help="Job id or name (see `optagent jobs`).")]
+ImportTimeoutOpt = Annotated[float, typer.Option(
+    "--import-timeout", help="Seconds the model file may take to import, and each of load_model, load_data, "
+    "example_input and evaluate on its first call (checked in a child process).")]
 
 def _console(stderr: bool = False) -> Console:
     """Rich console; when output is piped, lines stay long rather than wrapping at 80 columns."""
@@ -24,6 +29,28 @@ def _console(stderr: bool = False) -> Console:
 
 out = _console()
 err = _console(stderr=True)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plain(text: Any) -> str:
+    """User text made safe for a terminal: control characters (newlines, escape sequences that would retitle
+    or rewrite the terminal) shown as escapes, and every URL's password masked. Print it with markup off."""
+    from optagent.security import redact_text
+
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], redact_text(str(text)))
+
+
+def safe(text: Any) -> str:
+    """`plain(text)` with Rich markup escaped, for tables and f-strings Rich renders (a job named
+    '[bold red]fake[/]' is shown as such, never interpreted)."""
+    return escape(plain(text))
+
+
+def say_error(message: Any) -> None:
+    """One line on stderr: user text never interpreted as markup, never wrapped, never holding a secret."""
+    err.print(plain(message), markup=False, highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from optagent.cli._common import JsonOpt, out, print_json
+from optagent.cli._common import JsonOpt, out, print_json, safe
 
 DEFAULT_OBJECTIVES = ("accuracy:max", "latency_ms:min")
 
@@ -61,7 +61,8 @@ def _print_human(doc: dict[str, Any]) -> None:
     for plugin in doc["plugins"]:
         origin = "built in" if plugin["builtin"] else plugin["source"].replace("_", " ")
         dist = f", {plugin['distribution']}" if plugin["distribution"] and not plugin["builtin"] else ""
-        out.print(f"[bold]{plugin['name']}[/bold] {plugin['version'] or '(no version)'} ({origin}{dist})")
+        out.print(f"[bold]{safe(plugin['name'])}[/bold] {safe(plugin['version'] or '(no version)')} "
+                  f"({safe(origin)}{safe(dist)})")
         if plugin["strategies"]:
             table = Table(show_header=True, header_style="bold", show_lines=True)
             table.add_column("strategy", max_width=48)
@@ -70,17 +71,19 @@ def _print_human(doc: dict[str, Any]) -> None:
             table.add_column("off")
             for s in plugin["strategies"]:
                 if "error" in s:
-                    table.add_row(s["name"], "-", f"[red]error: {s['error']}[/red]", "-")
+                    table.add_row(safe(s["name"]), "-", f"[red]error: {safe(s['error'])}[/red]", "-")
                     continue
                 space = "\n".join(_param_text(p) for p in s["space"])
                 off = ", ".join(f"{k}={v}" for k, v in s["off"].items())
-                table.add_row(f"{s['name']}\n[dim]{s['description']}[/dim]", s["stage"], space, off)
+                table.add_row(f"{safe(s['name'])}\n[dim]{safe(s['description'])}[/dim]", safe(s["stage"]), safe(space),
+                              safe(off))
             out.print(table)
         for m in plugin["metrics"]:
-            out.print(f"  metric {m['name']} ({m['unit']}, {m['direction']}): {m['description']}")
+            out.print(f"  metric {safe(m['name'])} ({safe(m['unit'])}, {safe(m['direction'])}): "
+                      f"{safe(m['description'])}")
         other = [h for h in plugin["hooks"] if h not in ("optagent_register_strategies", "optagent_register_metrics")]
         if other:
-            out.print(f"  hooks: {', '.join(other)}")
+            out.print(f"  hooks: {safe(', '.join(other))}")
     ctx = doc["space_context"]
     out.print(f"[dim]search spaces as offered on this machine ({ctx['device']}) for objectives "
               f"{', '.join(ctx['objectives'])}; OPTAGENT_PLUGINS limits which installed plugins load[/dim]")

@@ -7,16 +7,19 @@ from typing import Annotated, Any
 
 import typer
 
-from optagent.cli._common import DbOpt, JsonOpt, err, fmt, out, print_json
+from optagent.cli._common import DbOpt, ImportTimeoutOpt, JsonOpt, err, fmt, out, print_json, safe
 from optagent.errors import TrialFailed, UserError
 
 
-def _from_model_file(path: str, threads: int | None, device: str) -> tuple[Any, Any, Any, int, int, dict[str, Any]]:
+def _from_model_file(path: str, threads: int | None, device: str,
+                     import_timeout: float) -> tuple[Any, Any, Any, int, int, dict[str, Any]]:
     import torch
 
     from optagent import hardware as hw
+    from optagent import preflight
     from optagent.contract import ModelFile
 
+    preflight.run(path, timeout_s=import_timeout, evaluate=False).raise_first()  # checked in a child first
     mf = ModelFile.from_path(path)
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
@@ -25,7 +28,8 @@ def _from_model_file(path: str, threads: int | None, device: str) -> tuple[Any, 
     return mf, model, torch.device(caps.device), mf.default_batch_size, n, {"model": path}
 
 
-def _from_trial(job_ident: str, number: int, db: str | None, threads: int | None) -> tuple[Any, ...]:
+def _from_trial(job_ident: str, number: int, db: str | None, threads: int | None,
+                import_timeout: float) -> tuple[Any, ...]:
     from sqlmodel import Session
 
     from optagent.job import payload_for
@@ -42,10 +46,16 @@ def _from_trial(job_ident: str, number: int, db: str | None, threads: int | None
         why = f" ({trial.failure_reason})" if trial.failure_reason else ""
         raise UserError(f"trial {number} of job {job.name} is {trial.state}{why}; profile a complete trial "
                         f"(`optagent status {job.name}`) or the model file itself")
+    from pathlib import Path
+
+    from optagent import preflight
+
+    if Path(job.model_path).is_file():  # a missing or changed file is the rebuild's to explain
+        preflight.run(job.model_path, timeout_s=import_timeout, evaluate=False).raise_first()
     payload = payload_for(job, trial)
     if threads:
         payload = payload.replace(threads=threads)
-    err.print(f"rebuilding trial {number} of job {job.name} ({trial.recipe or 'baseline'})...")
+    err.print(f"rebuilding trial {number} of job {safe(job.name)} ({safe(trial.recipe or 'baseline')})...")
     try:
         built = build(payload)
     except TrialFailed as exc:
@@ -66,6 +76,7 @@ def profile(
     reps: Annotated[int, typer.Option(help="Profiled calls.")] = 10,
     top: Annotated[int, typer.Option(help="Rows per table.")] = 12,
     as_json: JsonOpt = False,
+    import_timeout: ImportTimeoutOpt = 60.0,
 ) -> None:
     """Where the time goes, per module and per operator (torch.profiler), and which strategies apply."""
     from optagent import hardware as hw
@@ -79,9 +90,9 @@ def profile(
         if not target.endswith(".py"):
             raise UserError(f"{target!r} is not a .py model file; for a job's trial pass --trial N "
                             f"(`optagent profile {target} --trial 0` profiles its baseline)")
-        mf, model, dev, bs, n, what = _from_model_file(target, threads, device)
+        mf, model, dev, bs, n, what = _from_model_file(target, threads, device, import_timeout)
     else:
-        mf, model, dev, bs, n, what = _from_trial(target, trial, db, threads)
+        mf, model, dev, bs, n, what = _from_trial(target, trial, db, threads, import_timeout)
     bs = batch_size or bs
     batch = _batch(mf, bs, dev)
     result = profile_model(model, batch, threads=n, device=dev, reps=max(reps, 1), top=top)
@@ -98,7 +109,7 @@ def profile(
 def _print(p: Any, what: dict[str, Any], fingerprint: dict[str, Any]) -> None:
     from rich.table import Table
 
-    subject = what.get("model") or f"job {what['job']} trial {what['trial']} ({what.get('recipe') or 'baseline'})"
+    subject = safe(what.get("model") or f"job {what['job']} trial {what['trial']} ({what.get('recipe') or 'baseline'})")
     out.print(f"{subject}: {fmt(p.latency_ms)} ms per call at batch {p.batch_size}, {p.threads} threads, "
               f"{fingerprint.get('cpu_model', '?')} ({p.device}); {p.op_fraction:.0%} of profiled time in "
               f"operators, {p.overhead_fraction:.0%} Python/dispatch")
@@ -116,10 +127,10 @@ def _print(p: Any, what: dict[str, Any], fingerprint: dict[str, Any]) -> None:
         if first == "operator":
             table.add_column("top input shapes")
         for r in rows:
-            cells = [r.name] + ([r.kind] if first == "module" else [])
+            cells = [safe(r.name)] + ([safe(r.kind)] if first == "module" else [])
             cells += [f"{r.fraction:.1%}", fmt(r.ms_per_call, 3), fmt(r.calls, 3)]
-            cells += [r.shapes[:60]] if first == "operator" else []
+            cells += [safe(r.shapes[:60])] if first == "operator" else []
             table.add_row(*cells)
         out.print(table)
     for line in p.advice:
-        out.print(f"advice: {line}")
+        out.print(f"advice: {safe(line)}")

@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 from sqlmodel import Session, select
 
-from optagent.cli._common import DbOpt, JobArg, JsonOpt, fmt, out, print_json
+from optagent.cli._common import DbOpt, JobArg, JsonOpt, fmt, out, print_json, safe
 from optagent.job import JobConfig
 from optagent.search.records import job_dict, trial_dict
 from optagent.storage import Job, Trial, find_job, init_db, job_trials, utcnow
@@ -68,12 +68,12 @@ def print_pareto(job: Job, trials: list[Trial]) -> None:
     cfg = JobConfig.of(job)
     metric, objectives = cfg.constraint_name, cfg.objective_names
     shown = list(dict.fromkeys([metric, *objectives, "latency_ms", "model_size_mb"]))
-    table = Table(title=f"Pareto front of job {job.name} ({len(rows)} trials; speedup = interleaved with the "
+    table = Table(title=f"Pareto front of job {safe(job.name)} ({len(rows)} trials; speedup = interleaved with the "
                         "baseline in the same process)", title_justify="left")
     table.add_column("trial", justify="right")
     for name in shown:
-        table.add_column(name, justify="right")
-    table.add_column(f"Δ{metric}", justify="right")
+        table.add_column(safe(name), justify="right")
+    table.add_column(f"Δ{safe(metric)}", justify="right")
     table.add_column("speedup", justify="right")
     table.add_column("confirmed (95% noise band)", justify="right")
     table.add_column("rank", justify="right")
@@ -87,7 +87,7 @@ def print_pareto(job: Job, trials: list[Trial]) -> None:
                          f"({m['confirmed_speedup_low']:.2f}–{m['confirmed_speedup_high']:.2f})")
         table.add_row(str(r["number"]), *[fmt(m.get(n)) for n in shown],
                       "-" if change is None else f"{change:+.4f}", f"{r['speedup']:.2f}×" if r["speedup"] else "-",
-                      confirmed, str(m["tie_group"]) if "tie_group" in m else "-", r["recipe"] or "-")
+                      confirmed, str(m["tie_group"]) if "tie_group" in m else "-", safe(r["recipe"] or "-"))
     out.print(table)
     checked = [r for r in rows if "confirmed_speedup" in r["metrics"]]
     if checked:
@@ -99,12 +99,12 @@ def print_pareto(job: Job, trials: list[Trial]) -> None:
                   "noise band = where 95% of search-time measurements fall; equal rank = a tie within the noise; "
                   f"{inside} of {len(checked)} search-time speedups are inside their band")
     if base is not None:
-        out.print(f"baseline (trial 0): {metric} {fmt(base.metrics.get(metric))}, latency "
+        out.print(f"baseline (trial 0): {safe(metric)} {fmt(base.metrics.get(metric))}, latency "
                   f"{fmt(base.metrics.get('latency_ms'))} ms at batch {fmt(base.metrics.get('batch_size'))}, "
-                  f"{fmt(base.hardware.get('threads'))} threads, {base.hardware.get('cpu_model', '?')}")
+                  f"{fmt(base.hardware.get('threads'))} threads, {safe(base.hardware.get('cpu_model', '?'))}")
     notes = sorted({n for r in rows for n in r.get("notes", [])})
     for note in notes:
-        out.print(f"note: {note}")
+        out.print(f"note: {safe(note)}")
 
 
 def jobs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
@@ -128,7 +128,7 @@ def jobs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     for d in data:
         best = d["best_feasible_speedup"]
         trials = f"{d['complete']}/{d['budget'] or '∞'}" + (f" +{d['running']} running" if d["running"] else "")
-        table.add_row(str(d["id"]), d["name"], d["status"], trials,
+        table.add_row(str(d["id"]), safe(d["name"]), safe(d["status"]), trials,
                       str(d["failed"]), f"{best:.2f}×" if best else "-", str(d["pareto_size"]), d["age"])
     out.print(table)
 
@@ -144,15 +144,17 @@ def status(job_ident: JobArg, db: DbOpt = None, as_json: JsonOpt = False) -> Non
     if job.status == "running" and job.heartbeat_at is not None:
         silent = (utcnow() - job.heartbeat_at).total_seconds()
         if silent > 60:
-            stale = f"the coordinator has not been seen for {silent:.0f} s; `optagent resume {job.name}` continues"
+            stale = (f"the coordinator has not been seen for {silent:.0f} s; `optagent resume {safe(job.name)}` "
+                     "continues")
     if as_json:
         print_json({**job_dict(job), **summary, "coordinator_stale": stale,
                     "trials": [trial_dict(t) for t in trials]})
         return
-    out.print(f"job {job.id} {job.name}: {job.status}  ({summary['complete']} complete, {summary['failed']} failed, "
-              f"{summary['running']} running, {summary['queued']} queued of {summary['budget'] or '∞'})")
+    out.print(f"job {job.id} {safe(job.name)}: {safe(job.status)}  ({summary['complete']} complete, "
+              f"{summary['failed']} failed, {summary['running']} running, {summary['queued']} queued of "
+              f"{summary['budget'] or '∞'})")
     if job.error:
-        out.print(f"error: {job.error}")
+        out.print(f"error: {safe(job.error)}")
     if stale:
         out.print(f"warning: {stale}")
     table = Table()
@@ -161,11 +163,11 @@ def status(job_ident: JobArg, db: DbOpt = None, as_json: JsonOpt = False) -> Non
         table.add_column(col)
     for t in trials:
         w = t.worker or {}
-        where = f"{w.get('host', '-')}" + (f" gpu{w['gpu']}" if w.get("gpu") else "")
+        where = safe(f"{w.get('host', '-')}" + (f" gpu{w['gpu']}" if w.get("gpu") else ""))
         detail = t.failure_reason if t.state == "failed" else t.recipe
-        table.add_row(str(t.number), t.state, {True: "yes", False: "no", None: "-"}[t.feasible],
+        table.add_row(str(t.number), safe(t.state), {True: "yes", False: "no", None: "-"}[t.feasible],
                       "*" if t.on_front else "", fmt(t.metrics.get("accuracy")), fmt(t.metrics.get("latency_ms")),
-                      fmt(t.metrics.get("speedup"), 3), where, fmt(t.duration_s, 3), detail or "-")
+                      fmt(t.metrics.get("speedup"), 3), where, fmt(t.duration_s, 3), safe(detail or "-"))
     out.print(table)
 
 

@@ -7,12 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from optagent.cli._common import DbOpt, JobArg, JsonOpt, err, out, print_json
+from optagent.cli._common import DbOpt, ImportTimeoutOpt, JobArg, JsonOpt, out, print_json, safe, say_error
 from optagent.cli._progress import make_progress
 
 BrokerOpt = Annotated[str | None, typer.Option("--broker", envvar="OPTAGENT_BROKER_URL", show_envvar=False,
                                                help="Celery broker (redis://...); none = local processes.")]
 QueueOpt = Annotated[str, typer.Option("--queue", help="Celery queue (hardware pool) to send trials to.")]
+InsecureOpt = Annotated[bool, typer.Option(
+    "--insecure", help="Send unsigned payloads to a broker other hosts can reach (no OPTAGENT_SECRET): only on a "
+    "network you trust.")]
 
 
 def _finish(report: Any, as_json: bool) -> None:
@@ -26,8 +29,10 @@ def _finish(report: Any, as_json: bool) -> None:
                     "pareto": pareto_rows(job, trials), "trials": [trial_dict(t) for t in trials]})
     else:
         print_pareto(job, trials)
-        out.print(f"job {job.id} ({job.name}) {job.status}; `optagent status {job.name}` lists every trial")
+        out.print(f"job {job.id} ({safe(job.name)}) {job.status}; `optagent status {safe(job.name)}` lists every "
+                  "trial")
     if job.status != "completed":
+        say_error(f"error: job {job.name} {job.status}: {job.error or 'no reason recorded'}")
         raise typer.Exit(1)
 
 
@@ -59,6 +64,11 @@ def search(
         help="Fresh processes the confirmation re-measures in; their spread is the noise band.")] = 3,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     as_json: JsonOpt = False,
+    import_timeout: ImportTimeoutOpt = 60.0,
+    broker_retry_s: Annotated[float, typer.Option(
+        "--broker-retry-s", help="How long a lost broker is waited for before the job stops as interrupted "
+        "(`optagent resume` continues it).")] = 120.0,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Search strategy compositions for MODEL and print the measured Pareto front."""
     from optagent import api
@@ -72,12 +82,14 @@ def search(
                             objectives=list(objective) if objective else None, max_accuracy_drop=max_accuracy_drop,
                             constraint_metric=constraint_metric, sampler=sampler, seed=seed, device=device,
                             trial_timeout_s=trial_timeout, queue=queue, confirm=confirm,
-                            confirm_processes=confirm_processes)
+                            confirm_processes=confirm_processes, broker_retry_s=broker_retry_s,
+                            import_timeout_s=import_timeout, insecure=insecure)
     _finish(report, as_json)
 
 
 def resume(job_ident: JobArg, db: DbOpt = None, broker: BrokerOpt = None,
-           quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False, as_json: JsonOpt = False) -> None:
+           quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False, as_json: JsonOpt = False,
+           insecure: InsecureOpt = False) -> None:
     """Continue a job whose coordinator stopped: keep results that arrived, re-run what was lost, finish."""
     from optagent import api
 
@@ -86,7 +98,7 @@ def resume(job_ident: JobArg, db: DbOpt = None, broker: BrokerOpt = None,
     progress = make_progress(quiet=quiet or as_json, objectives=cfg.objectives, budget=cfg.n_trials,
                              timeout_s=cfg.timeout_s, constraint=cfg.constraint_name)
     with progress:
-        report = api.resume(job_ident, db=db, broker=broker, on_event=progress)
+        report = api.resume(job_ident, db=db, broker=broker, on_event=progress, insecure=insecure)
     _finish(report, as_json)
 
 
@@ -97,25 +109,28 @@ def cancel(job_ident: JobArg, db: DbOpt = None, broker: BrokerOpt = None) -> Non
 
     status = api.cancel(job_ident, db=db, broker=broker)
     how = "cancelling (the coordinator stops shortly)" if status == JobStatus.CANCELLING else "cancelled"
-    out.print(f"job {job_ident}: {how}")
+    out.print(f"job {safe(job_ident)}: {how}")
 
 
 def check(model: Annotated[Path, typer.Argument(help="The model file to validate.")],
-          as_json: JsonOpt = False) -> None:
-    """Validate a model file against the contract, naming each missing or wrong piece and its fix."""
-    from optagent.contract import check as run_check
+          as_json: JsonOpt = False, import_timeout: ImportTimeoutOpt = 60.0) -> None:
+    """Validate a model file against the contract, naming each missing or wrong piece and its fix.
 
-    mf, problems = run_check(str(model))
+    The file is imported and run in a child process with a time limit per piece, so a file that hangs, exits
+    or leaves threads behind is reported, not waited for."""
+    from optagent import preflight
+
+    found = preflight.run(model, timeout_s=import_timeout)
     if as_json:
-        print_json({"model": str(model), "ok": not problems,
-                    "problems": [{"piece": p.piece, "message": p.message, "fix": p.fix} for p in problems]})
-    elif problems:
-        for p in problems:
-            err.print(f"[red]✗[/red] {p}")
+        print_json({"model": str(model), "ok": found.ok, "metrics": found.metrics, "default_batch": found.default_batch,
+                    "input": found.input, "cuda": found.cuda, "seconds": round(found.duration_s, 2),
+                    "problems": [{"piece": p.piece, "message": p.message, "fix": p.fix} for p in found.problems]})
+    elif found.problems:
+        for p in found.problems:
+            say_error(f"✗ {p}")
     else:
-        assert mf is not None
-        metrics = mf.evaluate(mf.load_model())
-        out.print(f"✓ {model}: load_model, load_data, evaluate, example_input all work "
-                  f"(default batch {mf.default_batch_size}; baseline eval {metrics})")
-    if problems:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in (found.metrics or {}).items())
+        out.print(f"✓ {safe(model)}: load_model, load_data, evaluate, example_input all work (default batch "
+                  f"{found.default_batch}; {safe(found.input)}; baseline eval: {safe(metrics)})", soft_wrap=True)
+    if found.problems:
         raise typer.Exit(2)

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -40,18 +40,45 @@ def _gpu_list(spec: str) -> list[str]:
     return gpus
 
 
-def _check_broker(broker: str) -> None:
-    """Fail fast with the fix, instead of Celery retrying a bad URL forever."""
-    from optagent.workers.celery_app import make_app
+class BrokerWatch:
+    """The supervisor's view of the broker: one line when it is lost, one when it is back, and a verdict
+    once it has been away longer than --broker-retry-s (Celery itself reconnects without limit)."""
 
-    app = make_app(broker)
-    try:
-        app.backend.client.ping()
-    except Exception as exc:
-        raise UserError(f"cannot reach the broker at {redact_url(broker)} ({type(exc).__name__}); start Redis "
-                        "there, or fix --broker / OPTAGENT_BROKER_URL (password, host, port, TLS)") from None
-    finally:
-        app.close()
+    CHECK_EVERY_S = 5.0
+
+    def __init__(self, broker: str, retry_s: float):
+        self.broker, self.retry_s = broker, retry_s
+        self._client: Any = None
+        self._checked = 0.0
+        self.lost_at: float | None = None
+
+    def _ping(self) -> bool:
+        from optagent.workers.celery_app import broker_errors, make_app
+
+        try:
+            if self._client is None:
+                app = make_app(self.broker)
+                self._client = app.backend.client
+            return bool(self._client.ping())
+        except broker_errors():
+            return False
+
+    def gone_too_long(self) -> bool:
+        """Check now and then; True once the broker has been unreachable past the limit."""
+        now = time.monotonic()
+        if now - self._checked < self.CHECK_EVERY_S:
+            return False
+        self._checked = now
+        if self._ping():
+            if self.lost_at is not None:
+                print(f"optagent worker: the broker is back after {now - self.lost_at:.0f} s", file=sys.stderr)
+                self.lost_at = None
+            return False
+        if self.lost_at is None:
+            self.lost_at = now
+            print(f"optagent worker: lost the broker at {redact_url(self.broker)}; Celery reconnects, running "
+                  f"trials go on; giving up after {self.retry_s:.0f} s (--broker-retry-s)", file=sys.stderr)
+        return now - self.lost_at > self.retry_s
 
 
 def _command(queue: str, concurrency: int, hostname: str, loglevel: str, max_tasks: int) -> list[str]:
@@ -79,16 +106,32 @@ def worker(
     max_tasks_per_child: Annotated[int | None, typer.Option(
         "--max-tasks-per-child", min=0, help="Replace a pool process after N trials (0 = never) "
         "(default: 1 with --gpus, so GPU memory is returned after each trial; else 0).")] = None,
+    broker_retry_s: Annotated[float, typer.Option(
+        "--broker-retry-s", help="How long a lost broker is waited for before the worker exits (non-zero, so "
+        "its service manager restarts it).")] = 120.0,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Run unsigned payloads from a broker other hosts can reach (no OPTAGENT_SECRET): "
+        "only on a network you trust.")] = False,
 ) -> None:
     """Run trials from a Redis queue on this machine: one process per GPU, or N CPU processes."""
+    from optagent.job import is_queue_name
+    from optagent.security import require_secret
+    from optagent.workers.celery_app import BrokerUrl, check_broker
+
     if not broker:
         raise UserError("no broker given; pass --broker redis://HOST:6379/0 or set OPTAGENT_BROKER_URL")
     if loglevel.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise UserError(f"--loglevel {loglevel!r} is not one of debug, info, warning, error")
     queues = [q.strip() for q in queue.split(",") if q.strip()]
-    if not queues or any(" " in q or ":" in q for q in queues):
-        raise UserError(f"--queue {queue!r} is not a comma-separated list of names without spaces or ':'")
-    _check_broker(broker)
+    bad = [q for q in queues if not is_queue_name(q)]
+    if not queues or bad:
+        raise UserError(f"--queue {queue!r} is not a comma-separated list of queue names; use letters, digits, "
+                        "'.', '_' and '-', e.g. --queue gpu-a100,optagent")
+    if not broker_retry_s >= 0:
+        raise UserError(f"--broker-retry-s must be zero or more seconds (got {broker_retry_s})")
+    BrokerUrl.parse(broker)
+    require_secret(broker, insecure, "optagent worker")
+    check_broker(broker)
     pinned = _gpu_list(gpus) if gpus else []
     max_tasks = max_tasks_per_child if max_tasks_per_child is not None else (1 if pinned else 0)
     base = hostname or "optagent@%h"
@@ -110,13 +153,14 @@ def worker(
     if not secret_from_env():
         print("optagent worker: OPTAGENT_SECRET is not set, so payloads are not authenticated; set the same "
               "secret on the coordinator and every worker", file=sys.stderr)
-    code = _supervise(children)
+    code = _supervise(children, BrokerWatch(broker, broker_retry_s))
     if code:
         raise typer.Exit(code)
 
 
-def _supervise(children: list[tuple[str, list[str], dict[str, str]]]) -> int:
-    """Run the children until one exits or we are told to stop; forward SIGTERM/SIGINT to all of them."""
+def _supervise(children: list[tuple[str, list[str], dict[str, str]]], watch: BrokerWatch | None = None) -> int:
+    """Run the children until one exits, we are told to stop, or the broker stays away past its limit;
+    forward SIGTERM/SIGINT to all of them."""
     procs = [subprocess.Popen(cmd, env=env) for _, cmd, env in children]
     stopping = False
 
@@ -128,10 +172,19 @@ def _supervise(children: list[tuple[str, list[str], dict[str, str]]]) -> int:
                 p.send_signal(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    gave_up = False
     try:
-        while all(p.poll() is None for p in procs):
+        while all(p.poll() is None for p in procs) and not stopping:
+            if watch is not None and watch.gone_too_long():
+                print(f"optagent worker: the broker stayed unreachable for more than {watch.retry_s:.0f} s "
+                      "(--broker-retry-s); stopping, so the service manager restarts the worker", file=sys.stderr)
+                gave_up = True
+                break
             time.sleep(0.2)
-        if not stopping:  # one child died on its own: take the rest down so the unit restarts cleanly
+        if gave_up:
+            stop(signal.SIGTERM, None)
+            stopping = False
+        elif not stopping:  # one child died on its own: take the rest down so the unit restarts cleanly
             for (name, _, _), p in zip(children, procs, strict=True):
                 if p.returncode is not None:
                     print(f"optagent worker: {name} exited with code {p.returncode}; stopping", file=sys.stderr)
@@ -147,6 +200,8 @@ def _supervise(children: list[tuple[str, list[str], dict[str, str]]]) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     codes = [p.returncode for p in procs]
+    if gave_up:
+        return 1
     return 0 if stopping and all(c in (0, -signal.SIGTERM, -signal.SIGINT) for c in codes) else max(1, *codes)
 
 

@@ -11,11 +11,17 @@ executor and calls `submit` again for every trial it had in flight; each is then
 
 Each number is reported at most once per executor; Redis redeliveries of the same task id share one
 result key, so a trial killed mid-run and run again still yields one outcome.
+
+A lost broker (a Redis restart, a failover, a network blip) is ridden out: the executor logs one line, keeps
+new trials in memory, retries with backoff for `broker_retry_s` seconds, logs one line when Redis is back,
+and then reconciles every trial in flight through the same `submit` path a resume uses (above). Only when
+the broker stays away longer does it raise `BrokerLost`, which ends the job `interrupted`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -53,17 +59,30 @@ def task_id(job_key: str, number: int | str) -> str:
     return f"optagent-{job_key}-{number}"
 
 
+class BrokerLost(Exception):
+    """The broker stayed unreachable past `broker_retry_s`. The job stops `interrupted` (the coordinator reads
+    `resumable`); the trials on the workers keep their results in Redis for `optagent resume`."""
+
+    resumable = True
+
+
 class CeleryExecutor:
     """The Executor protocol on Celery: payloads go to `queue` signed, results come back from Redis."""
 
     def __init__(self, broker_url: str, queue: str, job_key: str, *, capacity: int | None = None,
                  secret: str | None = _UNSET, max_attempts: int = 3, soft_time_limit: float | None = None,
-                 time_limit: float | None = None, app: Celery | None = None):
-        from optagent.workers.celery_app import keys, make_app, time_limits
+                 time_limit: float | None = None, app: Celery | None = None, broker_retry_s: float = 120.0,
+                 job_name: str | None = None):
+        from optagent.workers.celery_app import broker_errors, keys, make_app, time_limits
 
         if not job_key or any(c in job_key for c in " :*?[]"):
             raise UserError(f"job key {job_key!r} must be non-empty without spaces, ':' or glob characters")
         self.queue, self.job_key, self.max_attempts = queue, job_key, max_attempts
+        self.broker_retry_s, self.job_name = float(broker_retry_s), job_name or job_key
+        self._errors = broker_errors()
+        self._lost_at: float | None = None  # monotonic time the broker was lost, None while it answers
+        self._retry_at, self._backoff = 0.0, 0.5
+        self._unsent: set[int] = set()  # pending trials whose message surely never reached Redis
         self.secret: str | None = secret_from_env() if secret is _UNSET else secret
         self.app = app or make_app(broker_url)
         self._url = redact_url(broker_url)
@@ -93,19 +112,36 @@ class CeleryExecutor:
         if self._fixed_capacity:
             return self._fixed_capacity
         at, value = self._capacity_at
-        if time.monotonic() - at > 5:
-            value = self.workers() + 1
+        if time.monotonic() - at > 5 and self._lost_at is None:
+            try:
+                value = self.workers() + 1
+            except self._errors as exc:
+                self._lose(exc)  # keep the last known value meanwhile
             self._capacity_at = (time.monotonic(), value)
         return value
 
     def submit(self, number: int, payload: dict[str, Any]) -> None:
         if number in self._pending or number in self._reported:
             return
-        tid = task_id(self.job_key, number)
-        k = self._keys(tid)
         message = self._prepare(number, payload)
-        self._pending[number] = tid
+        self._pending[number] = task_id(self.job_key, number)
         self._messages[number] = (message, *self._limits_for(payload))
+        if self._lost_at is not None:  # kept until the broker is back; the reconciliation sends it
+            self._unsent.add(number)
+            return
+        try:
+            self._dispatch(number)
+        except self._errors as exc:
+            self._lose(exc)
+
+    def _dispatch(self, number: int) -> None:
+        """Make sure trial `number` is out there exactly once: delivered from a stored result, left alone if
+        it was sent before, sent otherwise (one Lua round trip, then the send). `submit` and the
+        reconciliation after a lost broker both come here, as a resumed coordinator's submits do."""
+        tid = self._pending[number]
+        k = self._keys(tid)
+        if number in self._unsent:  # a send that failed may have claimed the marker before the broker went
+            self._redis.delete(k["sent"])
         self._subscribe()  # before looking for a stored result, so a result published meanwhile wakes poll
         cleared, meta, claimed = self._submit_script(
             keys=[k["cancelled"], self.app.backend.get_key_for_task(tid), k["sent"]],
@@ -113,23 +149,90 @@ class CeleryExecutor:
         if cleared:
             log.info("job %s was cancelled on the workers before; submitting to it again resumes it", self.job_key)
         if meta and self._ready_meta(meta) is not None:
+            self._unsent.discard(number)
             return  # finished while no coordinator listened: the next poll delivers it
         if not claimed:  # sent before (queued or running), or a stored state that is not final: it is out there
+            self._unsent.discard(number)
             log.debug("trial %s was sent before (queued or running); not sending it again", number)
             return
+        self._unsent.add(number)
         try:
             self._send(number)
+        except self._errors:
+            raise
         except Exception as exc:
             self._redis.delete(k["sent"])
             self._pending.pop(number, None)
             self._messages.pop(number, None)
+            self._unsent.discard(number)
             raise UserError(f"cannot send trial {number} to {self._url}: {type(exc).__name__}; "
                             "check that Redis is running and the URL is right") from exc
+        self._unsent.discard(number)
+
+    # -- a lost broker -------------------------------------------------------------------------------------
+    def _lose(self, exc: BaseException) -> None:
+        """The broker stopped answering: say so once, and start retrying (BrokerLost past the limit)."""
+        now = time.monotonic()
+        if self._lost_at is None:
+            self._lost_at, self._backoff, self._retry_at = now, 0.5, now + 0.5
+            log.warning("lost the broker at %s (%s); retrying for up to %.0f s (--broker-retry-s); trials on the "
+                        "workers go on", self._url, type(exc).__name__, self.broker_retry_s)
+            self._drop_pubsub()
+        self._give_up_if_late()
+
+    def _give_up_if_late(self) -> None:
+        if self._lost_at is not None and time.monotonic() - self._lost_at >= self.broker_retry_s:
+            raise BrokerLost(f"the broker at {self._url} was unreachable for more than {self.broker_retry_s:.0f} s "
+                             f"(--broker-retry-s), so the job was interrupted; once Redis is back, `optagent resume "
+                             f"{self.job_name}` continues it (trials finished meanwhile are kept)")
+
+    def _reconnect(self, wait: float) -> bool:
+        """Try the broker again when the backoff allows (sleeping at most `wait`); on success, reconcile."""
+        assert self._lost_at is not None
+        pause = self._retry_at - time.monotonic()
+        if pause > 0:
+            time.sleep(min(pause, max(0.0, wait)))
+            self._give_up_if_late()
+            if time.monotonic() < self._retry_at:
+                return False
+        try:
+            self._redis.ping()
+        except self._errors:
+            self._backoff = min(self._backoff * 2, 5.0)
+            self._retry_at = time.monotonic() + self._backoff
+            self._give_up_if_late()
+            return False
+        lost_for = time.monotonic() - self._lost_at
+        self._lost_at = None
+        log.warning("the broker at %s is back after %.0f s; reconciling %d trial(s) in flight", self._url, lost_for,
+                    len(self._pending))
+        try:
+            for number in sorted(self._pending):
+                self._dispatch(number)
+        except self._errors as exc:
+            self._lose(exc)
+            return False
+        return True
+
+    def _drop_pubsub(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                self._pubsub.close()
+            self._pubsub = None
 
     def poll(self, timeout: float) -> list[Outcome]:
         """Results stored since the last poll (one MGET), else the first ones published within `timeout`:
         the backend publishes each result's state on its key, so a published result is reported from the
-        message itself, without another round trip."""
+        message itself, without another round trip. While the broker is lost: nothing, after a retry."""
+        if self._lost_at is not None and not self._reconnect(timeout):
+            return []
+        try:
+            return self._poll(timeout)
+        except self._errors as exc:
+            self._lose(exc)
+            return []
+
+    def _poll(self, timeout: float) -> list[Outcome]:
         deadline = time.monotonic() + max(0.0, timeout)
         self._rescue()
         outcomes = self._collect()
@@ -140,6 +243,7 @@ class CeleryExecutor:
             if not self._pending:
                 time.sleep(remaining)
                 return []
+            self._subscribe()
             message = self._pubsub.get_message(timeout=min(remaining, 1.0))
             while message is not None:
                 outcomes += self._published(message)
@@ -151,9 +255,14 @@ class CeleryExecutor:
 
     def cancel(self) -> None:
         """Drop queued trials of this job everywhere, kill running ones; nothing more is reported."""
-        self.revoke(self._pending)
+        try:
+            self.revoke(self._pending)
+        except self._errors as exc:  # the job ends anyway; its queued trials then run to no one
+            log.warning("could not mark the job cancelled on the workers: the broker at %s is unreachable (%s)",
+                        self._url, type(exc).__name__)
         self._pending.clear()
         self._messages.clear()
+        self._unsent.clear()
 
     def revoke(self, numbers: Iterable[int]) -> None:
         """Cancel the job on the workers (also usable by `optagent cancel` when no coordinator runs).
@@ -171,10 +280,9 @@ class CeleryExecutor:
             self._redis.delete(*sent)
 
     def close(self) -> None:
-        if self._pubsub is not None:
-            self._pubsub.close()
-            self._pubsub = None
-        self.app.close()
+        self._drop_pubsub()
+        with contextlib.suppress(Exception):  # a lost broker must not hide why the job ended
+            self.app.close()
 
     # -- helpers ----------------------------------------------------------------------------------------
     def workers(self) -> int:
@@ -243,6 +351,8 @@ class CeleryExecutor:
         except Exception as exc:
             raise UserError(f"cannot reach the broker at {self._url} ({type(exc).__name__}); start Redis or "
                             "fix --broker / OPTAGENT_BROKER_URL") from None
+        if self.broker_retry_s < 0:
+            raise UserError(f"--broker-retry-s must be zero or more seconds (got {self.broker_retry_s:g})")
 
     def _prepare(self, number: int, payload: dict[str, Any]) -> dict[str, Any]:
         """The message: the payload with the model's source inlined, the attempt bound, then signed."""

@@ -2,14 +2,16 @@
 
 A fresh process per trial means a crash, a hang or a memory blow-up costs one trial, never the search,
 and memory (including GPU memory, which PyTorch does not return between tasks) is released when the
-trial ends. Processes come from a forkserver that has already imported torch, so a trial does not pay
-the import again; the forkserver never initialises CUDA.
+trial ends. A trial process also ends when its coordinator does, however that dies (SIGKILL included).
+Processes come from a forkserver that has already imported torch, so a trial does not pay the import
+again; the forkserver never initialises CUDA.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import multiprocessing.connection as mpc
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -21,10 +23,15 @@ from optagent.protocol import failed_json
 _PRELOAD = ["torch", "optagent.trial.entry", "optagent.trial.pipeline", "optagent.registry", "optagent.plugins"]
 
 
-def _child(payload: dict[str, Any], conn: mpc.Connection) -> None:
+def _child(payload: dict[str, Any], conn: mpc.Connection, coordinator_pid: int | None = None) -> None:
     from optagent.trial.entry import run_trial
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    if coordinator_pid is not None:
+        # a SIGKILLed coordinator takes its trials with it, so `optagent resume` never runs a trial twice side by side
+        from optagent.preflight import die_with_parent
+
+        die_with_parent(coordinator_pid)
     try:
         conn.send(run_trial(payload))
     finally:
@@ -68,8 +75,8 @@ class LocalExecutor:
         if number in self._running:
             return
         parent, child = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=_child, args=(payload, child), name=f"optagent-trial-{number}",
-                                    daemon=True)
+        process = self._ctx.Process(target=_child, args=(payload, child, os.getpid()),
+                                    name=f"optagent-trial-{number}", daemon=True)
         process.start()
         child.close()
         now = time.monotonic()
@@ -106,6 +113,9 @@ class LocalExecutor:
                                        "(raise --trial-timeout)", duration_s=now - r.started)
             if result is not None:
                 r.process.join(timeout=5)
+                if r.process.is_alive():  # reported, but held up by threads the model file left running
+                    r.process.kill()
+                    r.process.join(timeout=5)
                 r.conn.close()
                 del self._running[number]
                 done.append(Outcome(number, result))
