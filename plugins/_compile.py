@@ -170,6 +170,10 @@ def pt2e_quantize(model: torch.nn.Module, example: Any, calibration: Iterable[An
             exported = torch.export.export(model, args, kwargs).module()
         except Exception as exc:
             raise TrialFailed(f"torch.export cannot capture the model for PT2E int8: {first_line(exc)}") from exc
+        # layers whose output nothing uses (a BERT pooler behind a mean-pooling head) stay in the exported
+        # graph with no users, and the x86 quantizer's fusion annotation fails on them (IndexError)
+        exported.graph.eliminate_dead_code()
+        exported.recompile()
         quantizer = xiq.X86InductorQuantizer()
         config = xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic)
         if dynamic:  # like eager quantize_dynamic: Linear layers only (there are no dynamic conv kernels)

@@ -26,6 +26,7 @@ from optagent.plugins._precision import (
     available_backends,
     calibration_batches,
     engine_precisions,
+    has_vnni,
     low_precision_class,
 )
 from optagent.plugins._util import example_batch, model_device
@@ -84,7 +85,7 @@ class QuantizationStrategy(Strategy):
         backend = BACKENDS[params.get("backend", names[0])]
         keep_float = list(trial.settings.get("float_layers") or [])
         if mode == "dynamic_int8":
-            return backend.dynamic_int8(model, engine, keep_float)
+            return backend.dynamic_int8(model, engine, keep_float, full_range=has_vnni(caps))
         return backend.static_int8(model, example_batch(trial, model, 1), calibration_batches(trial, model), engine,
                                    keep_float)
 

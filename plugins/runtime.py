@@ -43,6 +43,7 @@ from optagent.plugins._precision import (
     PRECISIONS,
     calibration_batches,
     engine_precisions,
+    has_vnni,
     low_precision_class,
     ort_gpu_providers,
 )
@@ -189,9 +190,10 @@ def _onnxruntime(model: torch.nn.Module, params: Params, trial: TrialContext, pr
     exported = _cast_wrapper(model, "fp16") if precision == "fp16" else model
     caps = trial.capabilities
     # without VNNI (or AMX) x86 int8 kernels saturate on full-range weights: quantize them to 7 bits
-    reduce_range = caps.x86 and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(caps.cpu_flags)
+    reduce_range = caps.x86 and not has_vnni(caps)
     served, seconds = _onnx.build(exported, example, precision, calibration_batches(trial, model), trial.threads,
-                                  params.get("ort_level", "all"), providers, reduce_range=reduce_range)
+                                  params.get("ort_level", "all"), providers, reduce_range=reduce_range,
+                                  keep_float=list(trial.settings.get("float_layers") or []))
     if reduce_range and precision in INT8:
         trial.notes.append("runtime: this CPU has no VNNI, so ONNX Runtime int8 weights use 7 bits (reduce_range) "
                            "to avoid saturation in its u8 x s8 kernels")
