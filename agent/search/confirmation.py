@@ -7,6 +7,8 @@ figures written onto each trial's row, on the job's latency scale.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from optagent.job import JobConfig
@@ -14,6 +16,8 @@ from optagent.protocol import Candidate, ConfirmPayload, ConfirmResult, TrialPay
 from optagent.search.calibration import References
 from optagent.search.records import Records
 from optagent.storage import Trial
+
+log = logging.getLogger(__name__)
 
 
 def concurrency(cfg: JobConfig, exclusive_measure: bool) -> int:
@@ -59,3 +63,20 @@ def store_confirmation(records: Records, references: References, result: Confirm
         latency = ref / conf["speedup"] if ref and conf["speedup"] > 0 else conf["latency_ms"]
         records.add_notes(int(key), [f"confirmed vs baseline: {conf['vs_baseline']}"],
                           {**confirmed_metrics(conf), "confirmed_latency_ms": latency})
+
+
+def confirm_front(cfg: JobConfig, records: Records, references: References, front: list[int], base: TrialPayload,
+                  run: Callable[[ConfirmPayload], dict[str, Any]], emit: Callable[..., None]) -> None:
+    """Send the Pareto trials (`front`, baseline excluded) for confirmation with `run`, store what comes back."""
+    candidates = {n: row for n, row in ((n, records.row(n)) for n in front if n > 0) if row}
+    if not candidates:
+        return
+    payload = confirmation_payload(cfg, base, candidates)
+    emit("confirm_started", trials=sorted(candidates), processes=payload.processes, parallel=payload.parallel)
+    result = ConfirmResult.from_json(run(payload))
+    if result.state != "complete":
+        log.warning("confirmation pass failed: %s", result.failure_reason)
+        emit("confirmed", ok=False, reason=result.failure_reason)
+        return
+    store_confirmation(records, references, result)
+    emit("confirmed", ok=True, confirmations=result.confirmations, notes=result.notes)

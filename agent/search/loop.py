@@ -22,16 +22,17 @@ import optuna
 from optagent.errors import UserError
 from optagent.executors import Executor
 from optagent.job import JobConfig, JobStatus, make_payload
-from optagent.protocol import ConfirmResult, JobRef, ModelRef, TrialPayload, TrialResult, parse_result
+from optagent.protocol import ConfirmPayload, JobRef, ModelRef, TrialPayload, TrialResult, parse_result
 from optagent.registry import Registry
+from optagent.search import baseline, recovery
 from optagent.search import front as fronts
-from optagent.search import recovery
 from optagent.search import study as glue
 from optagent.search.calibration import References
-from optagent.search.confirmation import confirmation_payload, store_confirmation
+from optagent.search.confirmation import confirm_front
 from optagent.search.records import Records, job_dict, result_fields, trial_dict
 from optagent.search.space import SearchSpace
-from optagent.search.steering import FAILED_VIOLATION, Dropped, Steering
+from optagent.search.steering import Dropped, Steering
+from optagent.search.telling import Teller
 from optagent.search.warmstart import WarmStart
 from optagent.search.warmstart import describe as describe_design
 from optagent.storage import Job, Trial, utcnow
@@ -76,6 +77,7 @@ class Coordinator:
         self._skipped = 0  # trials sampled with a dropped option (told as failed, no row, not counted)
         self.steering = Steering(self.goal.signs)
         self.warm = WarmStart(self.space, enabled=False)  # set up with the space, after the baseline
+        self.teller = Teller(self.study, self.goal, self.steering, self.records.engine)
         self._job_json = job_dict(job)
         self._last_beat = 0.0
         self._plugins = {name: info.version or "" for name, info in registry.plugins.items()}
@@ -132,47 +134,26 @@ class Coordinator:
 
     # -- the baseline ---------------------------------------------------------------------------------
     def _run_baseline(self) -> None:
-        """Trial 0: every strategy off, measured exactly like every other trial; then added to the study."""
-        row = self.records.row(0)
+        """Trial 0 (optagent.search.baseline), then the space, the constraint and the study set up from it."""
         keys = {s.name: f"v{s.analysis_version}:{self.goal.metric}:{self.goal.sign:+.0f}"
                 for s in self.space.analysed()}
-        self.analyses = self.records.analyses(self.model.sha256, keys)
-        if row is None or row.state != "complete":
-            self.records.dispatched(0, {}, "baseline")
-            todo = [name for name in keys if name not in self.analyses]
-            self.executor.submit(0, self.payload(0, {}).replace(analyze=todo).to_json())
-            self._emit("baseline_started")
-            result = TrialResult.from_json(self._wait_for(0))
-            result.metrics = self.references.calibrated(result.metrics, result.worker)
-            if result.state != "complete":
-                self.records.store_result(0, result, values=None, feasible=None)
-                raise UserError(f"the baseline trial failed: {result.failure_reason or 'unknown'}; fix the model file "
-                                f"(try `optagent check {self.model.path}`)")
-            missing = self.goal.missing(result.metrics)
-            if missing:
-                reason = (f"metric {', '.join(missing)} is not measured; measured metrics: "
-                          f"{', '.join(sorted(result.metrics))}; pick objectives/--constraint-metric from these")
-                result.state, result.failure_reason = "failed", reason
-                self.records.store_result(0, result, None, None)
-                raise UserError(reason)
-            if result.analyses:
-                self.records.store_analyses(self.model.sha256, keys, result.analyses)
-                self.analyses.update(result.analyses)
-            self.space.setup(result.capabilities or {}, result.model_info, self.analyses)
-            values = self.goal.values(result.metrics)
-            self.records.store_result(0, result, values=values, feasible=True)
-            metrics = result.metrics
-        else:
-            self.space.setup(row.hardware.get("capabilities") or {}, row.hardware.get("model_info"), self.analyses)
-            self.references.note(row.metrics, row.worker)
-            values, metrics = row.values, row.metrics
-        assert values is not None
-        self.goal.baseline = {k: float(v) for k, v in metrics.items()}
+
+        def run(payload: TrialPayload) -> dict[str, Any]:
+            self.executor.submit(0, payload.to_json())
+            return self._wait_for(0)
+
+        base = baseline.measure(self.records, self.goal, self.references, model_hash=self.model.sha256,
+                                model_path=self.model.path, analysis_keys=keys,
+                                payload=lambda todo: self.payload(0, {}).replace(analyze=todo), run=run,
+                                emit=self._emit)
+        self.analyses = base.analyses
+        self.space.setup(base.capabilities, base.model_info, self.analyses)
+        self.goal.baseline = {k: float(v) for k, v in base.metrics.items()}
         if not any(t.number == 0 or t.user_attrs.get("optagent_number") == 0 for t in self.study.get_trials()):
             flat, dists = self.space.point(self.space.off())
-            glue.add_known_trial(self.study, flat, dists, values, {"optagent_number": 0, "baseline": True})
-        self._update_front(0, values)
-        self.steering.record(0, self.space.off(), "complete", values)
+            glue.add_known_trial(self.study, flat, dists, base.values, {"optagent_number": 0, "baseline": True})
+        self._update_front(0, base.values)
+        self.steering.record(0, self.space.off(), "complete", base.values)
         self.warm = WarmStart(self.space, self.cfg.warm_start)
         if self.cfg.warm_start and self.warm.queue:
             self._emit("warm_start", design=describe_design(self.space))
@@ -238,7 +219,7 @@ class Coordinator:
         fields = result_fields(result, values, feasible)
         row = Trial(job_id=self.job_id, number=number, params=params, recipe=recipe, **fields)
         live = self._live.pop(number, None)
-        self._tell_study(live or glue.trial_handle(self.study, number), row, self.records.result_update(number, fields))
+        self.teller.tell(live or glue.trial_handle(self.study, number), row, self.records.result_update(number, fields))
         self._finished.add(number)
         self._failed += values is None
         if feasible and values is not None:
@@ -247,38 +228,9 @@ class Coordinator:
         self._emit("trial_finished", trial=trial_dict(row), counts=self.counts())
         self.hooks.optagent_trial_finished(job=self._job_json, trial=trial_dict(row))
 
-    def _tell_study(self, trial: optuna.trial.Trial, row: Trial, *statements: Any) -> None:
-        """Tell Optuna a result, with its constraint and what optuna-dashboard shows for it (one user
-        attribute), in one transaction with `statements` (the result row's update)."""
-        shown: dict[str, Any] = {"optagent_number": row.number, "recipe": row.recipe}
-        values = row.values
-        if values is not None:
-            c = self.goal.constraint(row.metrics)
-            shown.update(feasible=c <= 0, **{glue.CONSTRAINT: c},
-                         **{k: row.metrics[k] for k in ("speedup", "model_size_mb") if k in row.metrics})
-        else:  # told as a violated constraint, so the samplers learn to avoid it (optagent.search.steering)
-            c, values = self._violation(row), self.steering.penalty()
-            shown.update(failed=True, state=str(row.state), failure_reason=str(row.failure_reason)[:1000])
-        system = {glue.CONSTRAINT_ATTR: c}  # what Trial.set_constraint stores (it re-reads all attrs)
-        written = glue.stage_and_tell(self.study, trial, values, statements=statements, system=system,
-                                      user={"optagent": shown})
-        if not written and statements:  # Optuna had it finished already: store it alone
-            with self.records.engine.begin() as conn:
-                for statement in statements:
-                    conn.execute(statement)
-
-    def _violation(self, row: Trial) -> float:
-        """The constraint a trial without objective values is told with: a trial stopped early for missing
-        the constraint by its own measured margin, any other failure as worse than every real violation."""
-        if row.state == "pruned" and self.goal.metric in (row.metrics or {}):
-            return max(self.goal.constraint(row.metrics), 1e-6)
-        return FAILED_VIOLATION
-
     def _skip(self, trial: optuna.trial.Trial, dropped: Dropped) -> None:
-        """A trial sampled with a dropped option: told as failed at once, not run, no row."""
         self._skipped += 1
-        glue.stage_and_tell(self.study, trial, self.steering.penalty(), system={glue.CONSTRAINT_ATTR: FAILED_VIOLATION},
-                            user={"optagent": {"skipped": True, "failure_reason": dropped.describe()}})
+        self.teller.skip(trial, dropped)
 
     def _reuse(self, trial: optuna.trial.Trial, params: dict[str, Any], twin: int) -> None:
         """A parameter set measured before in this job: the new trial is answered from that result."""
@@ -291,7 +243,7 @@ class Coordinator:
                     feasible=source.feasible, failure_reason=source.failure_reason, notes=[*source.notes, note],
                     duration_s=0.0, hardware=source.hardware, worker=source.worker, finished_at=utcnow())
         self.records.insert(row)
-        self._tell_study(trial, row)
+        self.teller.tell(trial, row)
         self._finished.add(trial.number)
         self._reused += 1
         self._failed += row.values is None
@@ -319,7 +271,7 @@ class Coordinator:
             if row.feasible and row.values is not None and "reused_from" not in row.metrics:
                 self._update_front(row.number, row.values)
         for row in found.untold:  # stored, but the tell was lost: tell now
-            self._tell_study(glue.trial_handle(self.study, row.number), row)
+            self.teller.tell(glue.trial_handle(self.study, row.number), row)
 
     # -- the job ------------------------------------------------------------------------------------------
     def run(self) -> Job:
@@ -409,20 +361,12 @@ class Coordinator:
     def _confirm(self) -> None:
         """Re-measure the Pareto trials interleaved with the baseline in fresh processes (optagent.trial.confirm):
         the speedups shown at the end are those ratios with their noise band, and ties are called ties."""
-        candidates = {n: row for n, row in ((n, self.records.row(n)) for n in sorted(self._front) if n > 0) if row}
-        if not candidates:
-            return
-        payload = confirmation_payload(self.cfg, self.payload(-1, {}), candidates)
-        self._emit("confirm_started", trials=sorted(candidates), processes=payload.processes,
-                   parallel=payload.parallel)
-        self.executor.submit(-1, payload.to_json())
-        result = ConfirmResult.from_json(self._wait_for(-1))
-        if result.state != "complete":
-            log.warning("confirmation pass failed: %s", result.failure_reason)
-            self._emit("confirmed", ok=False, reason=result.failure_reason)
-            return
-        store_confirmation(self.records, self.references, result)
-        self._emit("confirmed", ok=True, confirmations=result.confirmations, notes=result.notes)
+        def run(payload: ConfirmPayload) -> dict[str, Any]:
+            self.executor.submit(-1, payload.to_json())
+            return self._wait_for(-1)
+
+        confirm_front(self.cfg, self.records, self.references, sorted(self._front), self.payload(-1, {}), run,
+                      self._emit)
 
     def pareto_rows(self) -> list[Trial]:
         return self.records.front_rows()

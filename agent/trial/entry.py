@@ -19,11 +19,24 @@ from optagent.protocol import ConfirmPayload, ConfirmResult, ProtocolError, Tria
 log = logging.getLogger(__name__)
 
 
+def quiet_libraries() -> None:
+    """Silence what libraries print on import in a trial process: torchao's attempts to load CUDA kernels on
+    a CPU build and torch's pytree deprecation notices (transformers imports torchao when it is installed).
+    Warnings about the user's own code still show."""
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree", "torchao.kernel.intmm", "nncf"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is an Enum subclass and is now natively supported")
+    warnings.filterwarnings("ignore", message=r".*Failed to load .*torchao")
+
+
 def run_trial(message: dict[str, Any]) -> dict[str, Any]:
     """Run one trial or confirmation payload and return its result JSON (never raises for trial failures)."""
     from optagent.trial.pipeline import steady_allocator
 
     started = time.perf_counter()
+    quiet_libraries()
     steady_allocator()
     attempt = int(message.get("attempt", 1)) if isinstance(message, dict) else 1
     worker = asdict(WorkerInfo.here(attempt))
