@@ -152,6 +152,14 @@ def build(payload: TrialPayload, worker_host: str | None = None) -> Built:
             raise TrialFailed(f"strategy {', '.join(missing)} is not installed on worker host "
                               f"{worker_host or socket.gethostname()}; install the plugin there (same versions "
                               "as the coordinator)")
+        versions = plugin_versions(registry)
+        differ = sorted(n for n, v in payload.plugins.items() if n in versions and (versions[n] or "") != (v or ""))
+        if differ:
+            raise TrialFailed("worker host {} runs {} where the coordinator runs {}; install the same plugin versions "
+                              "on every machine".format(worker_host or socket.gethostname(),
+                                                        ", ".join(f"{n} {versions[n]}" for n in differ),
+                                                        ", ".join(f"{n} {payload.plugins[n]}" for n in differ)))
+        fingerprint["plugins"] = versions
 
         mf = _load_model_file(payload.model)
         baseline = mf.load_model().to(device)
@@ -222,6 +230,7 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
         metrics: dict[str, float] = dict(mf.evaluate(model))
         if mf.data().test is not None:
             metrics.update({f"test_{k}": v for k, v in mf.evaluate(model, "test").items()})
+    own = set(metrics)
     metrics.update(
         latency_ms=cand.median_ms,
         latency_p90_ms=cand.p90_ms,
@@ -236,9 +245,13 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
         speedup_high=band.high,
         batch_size=float(bs),
     )
-    metrics.update({k: float(v) for k, v in ctx.extra_metrics.items()})
+    _merge_extra(metrics, ctx)
     with ctx.compute():  # memory, FLOPs and size metrics run the model or serialize it
         for metric in built.registry.metrics.values():
+            if metric.name in metrics:  # the model file's own metric or a measurement: never overwritten
+                ctx.notes.append(f"metric {metric.name} of a plugin was not computed: the name is taken by "
+                                 f"{'the model file' if metric.name in own else 'a measurement'}")
+                continue
             try:
                 value = float(metric.compute(model, ctx, batch))
             except Exception as exc:  # a metric that cannot be computed for this model is absent, not fatal
@@ -246,6 +259,7 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
                 continue
             if math.isfinite(value):
                 metrics[metric.name] = value
+    _merge_extra(metrics, ctx)  # what metrics themselves left in extra_metrics
     analyses = _analyse(built, payload.analyze)
     return TrialResult(
         trial=payload.trial, state="complete", metrics=metrics,
@@ -253,6 +267,22 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
         notes=ctx.notes, duration_s=time.perf_counter() - started, hardware=hardware, worker=worker,
         capabilities=ctx.capabilities.to_json(), model_info=built.space.model_info, analyses=analyses,
         intermediate={str(k): v for k, v in ctx.intermediate.items()})
+
+
+def plugin_versions(registry: Any) -> dict[str, str]:
+    """Each registered plugin's version (built-ins carry optagent's): recorded with every trial, and a worker
+    whose versions differ from the coordinator's refuses the trial."""
+    return {name: str(info.version or "") for name, info in registry.plugins.items()}
+
+
+def _merge_extra(metrics: dict[str, float], ctx: Any) -> None:
+    """Strategies' and metrics' extra figures (trial.extra_metrics), without overwriting a figure already
+    measured (the model file's metrics, the latency measurements)."""
+    for key, value in ctx.extra_metrics.items():
+        if key not in metrics:
+            metrics[key] = float(value)
+        elif metrics[key] != float(value):
+            ctx.notes.append(f"extra metric {key} was not stored: the name is taken")
 
 
 def _analyse(built: Built, names: list[str]) -> dict[str, Any]:
