@@ -225,6 +225,7 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
                         device, ctx.seed)
     cand, base = stats["candidate"], stats["baseline"]
     band = speedup_band(base.samples_ms, cand.samples_ms, seed=ctx.seed)
+    generation = _time_generation(mf, model, baseline, batch, payload, device, ctx.seed)
 
     with ctx.compute():
         metrics: dict[str, float] = dict(mf.evaluate(model))
@@ -244,6 +245,7 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
         speedup_low=band.low,
         speedup_high=band.high,
         batch_size=float(bs),
+        **generation,
     )
     _merge_extra(metrics, ctx)
     with ctx.compute():  # memory, FLOPs and size metrics run the model or serialize it
@@ -267,6 +269,41 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
         notes=ctx.notes, duration_s=time.perf_counter() - started, hardware=hardware, worker=worker,
         capabilities=ctx.capabilities.to_json(), model_info=built.space.model_info, analyses=analyses,
         intermediate={str(k): v for k, v in ctx.intermediate.items()})
+
+
+GENERATE_TOKENS = 16  # new tokens per timed generate() call
+
+
+def _time_generation(mf: Any, model: Any, baseline: Any, batch: Any, payload: TrialPayload, device: Any,
+                     seed: int) -> dict[str, float]:
+    """For a model file with `generate(model, input_ids, max_new_tokens)` (a causal LM): tokens per second
+    of generating GENERATE_TOKENS from the serving batch, timed interleaved with the baseline like latency.
+    A forward pass's latency is the first figure; this is the one a chat user feels."""
+    generate = getattr(mf.module, "generate", None)
+    if not callable(generate):
+        return {}
+    from optagent.trial.measure import speedup_band
+
+    measure = {**payload.measure, "min_reps": 5, "max_reps": 50, "min_time_s": 0.2, "max_time_s": 2.0, "warmup": 1}
+    calls = {"candidate": model, "baseline": baseline}
+    stats = time_models({k: _Generate(generate, m) for k, m in calls.items()}, batch, measure,
+                        payload.exclusive_measure, device, seed)
+    from optagent.inputs import batch_size
+
+    tokens = GENERATE_TOKENS * batch_size(batch)
+    ratio = speedup_band(stats["baseline"].samples_ms, stats["candidate"].samples_ms, seed=seed).ratio
+    return {"tokens_per_s": 1000.0 * tokens / stats["candidate"].median_ms, "generate_speedup": ratio}
+
+
+class _Generate:
+    """`generate(model, batch, n)` as a callable of the batch (what time_models calls)."""
+
+    def __init__(self, generate: Any, model: Any):
+        self.generate, self.model = generate, model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        batch = kwargs if kwargs and not args else args[0] if len(args) == 1 else args
+        return self.generate(self.model, batch, GENERATE_TOKENS)
 
 
 def plugin_versions(registry: Any) -> dict[str, str]:
