@@ -1,4 +1,9 @@
-"""Small helpers shared by the built-in strategies and metrics (private: not part of the plugin API)."""
+"""Helpers shared by the built-in strategies (private: not part of the plugin API).
+
+The general ones (`model_device`, `to_device`, `example_batch`, `is_quantized`, `state_tensors`,
+`weight_tensors`) are public in `optagent.torchutils` and re-exported here under their old names; a
+third-party plugin imports them from there.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +13,17 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from optagent import inputs as ins
+from optagent.torchutils import (  # noqa: F401 - re-exported for the built-ins
+    example_batch,
+    is_quantized,
+    model_device,
+    state_tensors,
+    to_device,
+    weight_tensors,
+)
 
 if TYPE_CHECKING:
     import torch
-
-    from optagent.strategy import TrialContext
-
-
-def model_device(model: torch.nn.Module, default: torch.device | str = "cpu") -> torch.device:
-    """The device of the model's first parameter or buffer (`default` for a model without tensors)."""
-    import torch
-
-    for param in model.parameters():
-        return param.device
-    for buffer in model.buffers():
-        return buffer.device
-    return torch.device(default)
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """Move a tensor, or the tensors inside a tuple/list/dict, to `device`."""
-    return ins.to(value, device)
-
-
-def example_batch(trial: TrialContext, model: torch.nn.Module, size: int | None = 1) -> Any:
-    """The model file's example input trimmed to `size` samples (None = as given), on the model's device."""
-    example = trial.model_file.example_input()
-    if size is not None:
-        example = ins.take(example, 0, size)
-    return ins.to(example, model_device(model, trial.device))
 
 
 def output_dim(model: torch.nn.Module, example: Any) -> int | None:
@@ -97,59 +84,6 @@ def zero_masks(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.T
                 if not bool(keep.all()):
                     masks.append((param, keep))
     return masks
-
-
-def is_quantized(model: Any) -> bool:
-    """Whether the model holds quantized (integer) modules or tensors, which FLOP counting cannot see."""
-    import torch
-
-    for module in model.modules():
-        if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
-                                               "torch.nn.quantized")):
-            return True
-    return any(isinstance(v, torch.Tensor) and v.is_quantized for v in model.state_dict().values())
-
-
-def state_tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor inside a state_dict value (quantized modules keep tuples of packed tensors)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, tuple | list):
-        for v in value:
-            yield from state_tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from state_tensors(v)
-
-
-def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The model's weights and biases, float or quantized, each once.
-
-    Quantized modules have no `parameters()`: their weights sit behind `weight()` / `bias()` methods,
-    which build new tensors on every call (so they are kept in the list, never deduplicated by id).
-    """
-    import torch
-
-    found: list[torch.Tensor] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if id(param) not in seen:
-                seen.add(id(param))
-                found.append(param)
-        for attr in ("weight", "bias"):
-            method = getattr(type(module), attr, None)
-            if not callable(method):  # a Parameter/tensor attribute, counted above
-                continue
-            try:
-                value = getattr(module, attr)()
-            except Exception:
-                continue
-            if isinstance(value, torch.Tensor):
-                found.append(value)
-    return found
 
 
 @contextlib.contextmanager

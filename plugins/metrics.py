@@ -1,7 +1,10 @@
 """Built-in resource metrics measured on every trial's final (served) model.
 
 Sizes are in MiB (2**20 bytes). Every metric gets the model as served (possibly int8 or wrapped in a
-bf16/fp16 cast), the trial context, and one input batch at the trial's inference batch size.
+bf16/fp16 cast), the trial context, and one input batch at the trial's inference batch size, on
+`trial.device`, in the model file's form (a tensor, a tuple or a dict: call the model with
+`optagent.inputs.call`). They use only public API (`optagent.inputs`, `optagent.torchutils`), as a
+third-party metric would.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from optagent import inputs as ins
 from optagent.hookspecs import hookimpl
 from optagent.metrics import Metric
-from optagent.plugins._util import is_quantized, model_device, state_tensors, to_device, weight_tensors
+from optagent.torchutils import is_quantized, model_device, state_tensors, to_device, weight_tensors
 
 if TYPE_CHECKING:
     import torch
