@@ -20,7 +20,7 @@ RESERVED = frozenset({
     "latency_measured_ms", "latency_reference_ms", "baseline_drift", "confirmed_speedup", "confirmed_speedup_low",
     "confirmed_speedup_high", "confirmed_speedup_ci_low", "confirmed_speedup_ci_high", "confirmed_speedup_runs",
     "confirmed_processes", "confirmed_noise", "confirmed_phase_noise", "confirmed_latency_ms", "tie_group",
-    "compile_time_s", "export_time_s", "quantize_time_s", "runtime_max_abs_diff"})
+    "compile_time_s", "export_time_s", "quantize_time_s", "runtime_max_abs_diff", "tokens_per_s", "generate_speedup"})
 
 
 # Metric.direction: the two values, and the short spellings `--objective NAME:max|min` uses.
