@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 import uuid
 from typing import Any
 
@@ -162,8 +163,16 @@ def init_db(url: str | None) -> Engine:
     """Create optagent's tables if needed; a clear error if the server cannot be reached."""
     engine = engine_for(url)
     try:
-        SQLModel.metadata.create_all(engine)
-        _add_missing_columns(engine)
+        for attempt in range(3):
+            try:
+                SQLModel.metadata.create_all(engine)
+                _add_missing_columns(engine)
+                break
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError) as exc:
+                # another process (a search, a read command) created the same tables a moment ago
+                if attempt == 2 or "already exists" not in str(exc.orig or exc):
+                    raise
+                time.sleep(0.2)
     except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
         from optagent.security import redact_text
 

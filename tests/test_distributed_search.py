@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,3 +128,84 @@ def test_the_coordinator_killed_then_resumed_finishes_the_job(setup: tuple[Any, 
     proc = cli("resume", name, "--db", postgres_url, "--broker", pool.broker, "--quiet", env=env)
     assert proc.returncode == 0, proc.stderr
     assert_exactly_once(name, postgres_url, env, 6)
+
+
+# -- a broker outage (issue 18) -------------------------------------------------------------------------------
+def _measured_exactly_once(run: Any, trials: int) -> None:
+    """Every searched trial that ran is complete and recorded once; as many ran as the budget asked for."""
+    rows = run.status["trials"]
+    numbers = [t["number"] for t in rows]
+    assert numbers == sorted(set(numbers)) == list(range(len(rows))), numbers
+    assert all(t["state"] == "complete" for t in rows), [(t["number"], t["state"], t["failure_reason"]) for t in rows]
+    assert len(run.measured) == trials, [(t["number"], t["metrics"].get("reused_from")) for t in rows]
+    study_name = next(s.study_name for s in optuna.get_all_study_summaries(run.db) if s.study_name.endswith(run.name))
+    states = [t.state.name for t in optuna.load_study(study_name=study_name, storage=run.db).trials]
+    assert set(states) == {"COMPLETE"} and len(states) == len(rows), states
+
+
+def test_a_redis_restart_mid_search_loses_nothing(tmp_path: Path) -> None:
+    """Redis restarts (same data directory, append-only) while trials are in flight on two workers: the
+    coordinator says once that the broker is lost and once that it is back, reconciles, and the search ends
+    with exactly the budget's trials, none twice, exit 0."""
+    from _redis_restart import restart_mid_search
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs the redis-server binary")
+    run = restart_mid_search(tmp_path, trials=6, down_s=8.0)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.status["status"] == "completed"
+    _measured_exactly_once(run, 6)
+    assert run.stderr.count("lost the broker") == 1 and run.stderr.count("is back after") == 1, run.stderr
+
+
+def test_a_broker_away_past_the_limit_interrupts_the_job_and_resume_finishes_it(tmp_path: Path) -> None:
+    from _redis_restart import CLI as RESTART_CLI
+    from _redis_restart import RestartableRedis, start_search, status, wait_complete
+    from conftest import WorkerPool
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs the redis-server binary")
+    redis = RestartableRedis(tmp_path)
+    redis.start()
+    pool = WorkerPool(redis.url, tmp_path)
+    try:
+        pool.start(1, env={"OPTAGENT_TEST_EVAL_SLEEP": "3"})  # 4 trials in a row outlast the restart by far
+        proc, name, db, env = start_search(tmp_path, redis, pool, 4, "--broker-retry-s", "6")
+        wait_complete(proc, name, db, env, 1)
+        redis.stop()
+        _, err = proc.communicate(timeout=600)  # the limit, not the test, ends the search
+        assert proc.returncode not in (0, None)
+        st = status(name, db, env)
+        assert st is not None and st["status"] == "interrupted", st
+        assert f"optagent resume {name}" in st["error"] and "--broker-retry-s" in st["error"]
+        assert f"optagent resume {name}" in err.strip().splitlines()[-1], err
+        redis.start()
+        resumed = subprocess.run([*RESTART_CLI, "resume", name, "--db", db, "--broker", redis.url, "--quiet"],
+                                 env=env, capture_output=True, text=True, timeout=1200)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        st = status(name, db, env)
+        assert st is not None and st["status"] == "completed"
+        assert len([t for t in st["trials"] if t["number"] > 0 and "reused_from" not in t["metrics"]]) == 4
+    finally:
+        pool.stop()
+        redis.stop()
+
+
+def test_a_worker_gives_up_on_a_broker_gone_past_its_limit(tmp_path: Path) -> None:
+    from _redis_restart import RestartableRedis
+    from conftest import WorkerPool
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs the redis-server binary")
+    redis = RestartableRedis(tmp_path)
+    redis.start()
+    pool = WorkerPool(redis.url, tmp_path)
+    try:
+        [worker] = pool.start(1, args=("--broker-retry-s", "5"))
+        redis.stop()
+        assert worker.proc.wait(timeout=300) == 1  # checked every few seconds; the limit ends it
+        text = worker.text()
+        assert text.count("optagent worker: lost the broker") == 1 and "stayed unreachable" in text, text[-3000:]
+    finally:
+        pool.stop()
+        redis.stop()

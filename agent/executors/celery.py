@@ -183,8 +183,8 @@ class CeleryExecutor:
     def _give_up_if_late(self) -> None:
         if self._lost_at is not None and time.monotonic() - self._lost_at >= self.broker_retry_s:
             raise BrokerLost(f"the broker at {self._url} was unreachable for more than {self.broker_retry_s:.0f} s "
-                             f"(--broker-retry-s), so the job was interrupted; once Redis is back, `optagent resume "
-                             f"{self.job_name}` continues it (trials finished meanwhile are kept)")
+                             f"(--broker-retry-s); once Redis is back, `optagent resume {self.job_name}` continues "
+                             "the job (trials finished meanwhile are kept)")
 
     def _reconnect(self, wait: float) -> bool:
         """Try the broker again when the backoff allows (sleeping at most `wait`); on success, reconcile."""
