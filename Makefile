@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,postgres,onnx,report
+EXTRAS ?= dev,postgres,onnx,openvino,report
 
 .PHONY: demo test lint setup clean browser
 

@@ -117,12 +117,30 @@ def software() -> dict[str, Any]:
     import shutil
 
     compiler = next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+    openvino = _version("openvino")
     return {
         "torch": _version("torch"), "torchao": _version("torchao"), "cxx": compiler,
         "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
-        "onnxscript": _version("onnxscript"), "openvino": _version("openvino"), "nncf": _version("nncf"),
+        "onnxscript": _version("onnxscript"), "openvino": openvino, "nncf": _version("nncf"),
+        # the devices OpenVINO can serve on: its CPU plugin always, "GPU" with an Intel GPU's render node
+        "openvino_devices": ("CPU,GPU" if _intel_gpu() else "CPU") if openvino else None,
         "inductor": importlib.util.find_spec("torch") is not None,
     }
+
+
+def _intel_gpu() -> bool:
+    """An Intel GPU (PCI vendor 0x8086) behind a DRM render node: what OpenVINO's GPU plugin drives. Read
+    from sysfs, so openvino is not imported on workers that never serve with it."""
+    import glob
+
+    for vendor in glob.glob("/sys/class/drm/renderD*/device/vendor"):
+        try:
+            with open(vendor, encoding="ascii") as f:
+                if f.read().strip().lower() == "0x8086":
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _nvidia_driver() -> str | None:

@@ -112,7 +112,15 @@ def _shape_text(shapes: Any) -> str:
 
 def profile_model(model: Any, batch: Any, *, threads: int, device: Any = None, reps: int = 10,
                   warmup: int = 5, top: int = 15) -> Profile:
-    """Profile `reps` calls of `model(batch)` after `warmup` calls; see the module docstring."""
+    """Profile `reps` calls of `model(batch)` after `warmup` calls; see the module docstring.
+
+    A served model that runs outside torch (an OpenVINO compiled model) is opaque to torch.profiler; if it
+    has `optagent_profile(batch, threads=, reps=, warmup=, top=)`, its own per-layer counters answer instead.
+    """
+    hook = getattr(model, "optagent_profile", None)
+    if callable(hook):
+        result: Profile = hook(batch, threads=threads, reps=reps, warmup=warmup, top=top)
+        return result
     import os
     import statistics
 

@@ -198,7 +198,7 @@ def calibration_batches(trial: TrialContext, model: torch.nn.Module) -> Iterable
 
 
 
-ENGINES = ("eager", "compile", "onnxruntime")
+ENGINES = ("eager", "compile", "onnxruntime", "openvino")
 INT8 = ("dynamic_int8", "static_int8")
 PRECISIONS = ("none", "dynamic_int8", "static_int8", "fp16", "bf16")
 
@@ -225,13 +225,34 @@ def onnx_ok(caps: Capabilities | None = None) -> bool:
     return all(have.get(p) for p in ("onnx", "onnxruntime", "onnxscript"))
 
 
+def openvino_ok(caps: Capabilities | None = None) -> bool:
+    return bool(software(caps).get("openvino"))
+
+
+def nncf_ok(caps: Capabilities | None = None) -> bool:
+    return openvino_ok(caps) and bool(software(caps).get("nncf"))
+
+
+def openvino_gpu(caps: Capabilities | None = None) -> bool:
+    """An Intel GPU OpenVINO can serve on (the worker reports OpenVINO's devices without importing it)."""
+    return "GPU" in str(software(caps).get("openvino_devices") or "").split(",")
+
+
 def missing_engines(caps: Capabilities | None = None) -> dict[str, str]:
-    """Engines not offered on this machine, with the reason and the fix (shown by `optagent plugins`)."""
+    """Engines (or an engine's precision) not offered on this machine, with the reason and the fix (shown by
+    `optagent plugins`)."""
     out = {}
     if not compile_ok("cpu", caps):
         out["compile"] = "torch.compile needs a C++ compiler on the CPU (install g++, or set CXX)"
     if not onnx_ok(caps):
         out["onnxruntime"] = "onnx, onnxruntime and onnxscript are not all installed; pip install 'optagent[onnx]'"
+    if not openvino_ok(caps):
+        out["openvino"] = "openvino is not installed; pip install 'optagent[openvino]' (openvino and nncf)"
+    elif not nncf_ok(caps):
+        out["openvino int8"] = "nncf is not installed, so OpenVINO serves float precisions only; pip install " \
+                               "'optagent[openvino]'"
+    if caps is not None and caps.device != "cpu" and openvino_ok(caps):
+        out["openvino"] = f"OpenVINO serves on the CPU (or an Intel GPU), and this worker times on {caps.device}"
     return out
 
 
@@ -252,6 +273,8 @@ def offered_engines(ctx: SpaceContext) -> list[str]:
         engines.append("compile")
     if onnx_ok(caps):
         engines.append("onnxruntime")
+    if openvino_ok(caps) and caps.device == "cpu":  # OpenVINO has no CUDA device: a CUDA worker times on the GPU
+        engines.append("openvino")
     return engines
 
 
@@ -270,4 +293,10 @@ def engine_precisions(ctx: SpaceContext) -> dict[str, list[str]]:
         # onnxruntime.quantization's int8 kernels are CPU kernels; it has no CPU bf16 kernels
         out["onnxruntime"] = ["none", *(int8_modes(ctx) if cpu else []),
                               *(["fp16"] if cuda and ort_gpu_providers(caps) else [])]
+    if "openvino" in engines:
+        # f32 ("none"), NNCF static int8 (calibrated), bf16 where the CPU has it natively, f16 on an Intel GPU;
+        # no dynamic int8 (OpenVINO's is weight-compressed LLM serving, not this)
+        int8 = nncf_ok(caps) and "static_int8" in int8_modes(ctx)
+        out["openvino"] = ["none", *(["static_int8"] if int8 else []), *(["bf16"] if caps.cpu_bf16 else []),
+                           *(["fp16"] if openvino_gpu(caps) else [])]
     return out

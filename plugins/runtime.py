@@ -1,21 +1,28 @@
-"""The inference runtime as a searched choice: eager PyTorch, torch.compile (Inductor), or ONNX Runtime.
+"""The inference runtime as a searched choice: eager PyTorch, torch.compile (Inductor), ONNX Runtime or OpenVINO.
 
 Which runtime is fastest depends on the model, the batch size and the machine (ONNX Runtime won 3x at
 batch 1 on a small CNN here, PT2E int8 under torch.compile 6.5x at batch 64 but lost at batch 1), so it
 is measured per trial like everything else. Only what can run here is offered: torch.compile where
 Inductor has a C++ compiler (CPU) or a GPU, ONNX Runtime where onnx, onnxruntime and onnxscript are
-installed, GPU execution providers only on a CUDA worker that has them.
+installed, GPU execution providers only on a CUDA worker that has them, OpenVINO on a CPU worker with the
+`openvino` extra (int8 needs its nncf too).
 
 Precision follows the runtime. The `quantization` strategy's `mode` says *what* precision to serve;
 the runtime decides *how*: with eager PyTorch the quantization strategy applies torch.ao itself; with
 another engine it hands the mode over (`trial.settings["precision"]`) and the runtime implements it
 with its own toolchain:
 
-    mode           eager (torch.ao)        compile                           onnxruntime
-    dynamic_int8   quantize_dynamic        PT2E x86 Inductor, dynamic        quantize_dynamic (MatMul/Gemm)
-    static_int8    FX prepare/convert      PT2E x86 Inductor, calibrated     quantize_static, QDQ, per-channel
-    bf16 / fp16    cast wrapper            cast wrapper, compiled            fp16: cast wrapper exported (GPU);
-                                                                             bf16: fails (no CPU bf16 kernels)
+    mode           eager (torch.ao)        compile                        onnxruntime                openvino
+    dynamic_int8   quantize_dynamic        PT2E x86 Inductor, dynamic     quantize_dynamic           (not offered)
+    static_int8    FX prepare/convert      PT2E x86 Inductor, calibrated  quantize_static, QDQ       NNCF quantize
+    bf16 / fp16    cast wrapper            cast wrapper, compiled         fp16: cast wrapper (GPU);  precision hint
+                                                                          bf16: no CPU kernels       (f16: Intel GPU)
+
+OpenVINO's own choices are parameters of this strategy, conditional on the engine and the precision:
+`ov_preset` (NNCF's PERFORMANCE or MIXED preset), `ov_smooth_quant` (SmoothQuant alpha, transformers only),
+`ov_fast_bias_correction` (other models only: full bias correction ruined a transformer, 0.767 fidelity)
+and `ov_precision` (the inference precision of an int8 model's float parts: f32, or bf16 where native,
+with attention's inputs then left unquantized). See optagent.plugins._openvino.
 
 The search never samples a pair that cannot run: `engine_precisions` says which modes each engine can
 serve on this worker, and the quantization strategy declares one `mode` per engine, conditional on
@@ -25,7 +32,7 @@ process in Inductor's CPU GEMM autotuner (torch 2.13), so that pair is not offer
 fine-tuning run earlier (COMPRESS, FINETUNE) in PyTorch, so the runtime receives the pruned model.
 
 Setup cost (export, quantization, session creation, compilation) is reported as `export_time_s` /
-`compile_time_s`, never as latency: the pipeline warms every model up before timing it interleaved
+`quantize_time_s` / `compile_time_s`, never as latency: the pipeline warms every model up before timing it interleaved
 with the baseline.
 """
 
@@ -45,6 +52,7 @@ from optagent.plugins._precision import (
     engine_precisions,
     has_vnni,
     low_precision_class,
+    openvino_gpu,
     ort_gpu_providers,
 )
 from optagent.strategy import Param, Params, SpaceContext, Stage, Strategy, TrialContext, categorical
@@ -55,8 +63,9 @@ if TYPE_CHECKING:
 class RuntimeStrategy(Strategy):
     name = "runtime"
     stage = Stage.DEPLOY
-    description = ("Serve the model with eager PyTorch, torch.compile (Inductor, weights frozen) or ONNX Runtime; "
-                   "int8/bf16 from the quantization strategy is done by the chosen runtime's own toolchain.")
+    description = ("Serve the model with eager PyTorch, torch.compile (Inductor, weights frozen), ONNX Runtime or "
+                   "OpenVINO; int8/bf16 from the quantization strategy is done by the chosen runtime's own "
+                   "toolchain (NNCF for OpenVINO).")
 
     def search_space(self, ctx: SpaceContext) -> list[Param]:
         table = engine_precisions(ctx)  # the offered engines (in order) and what each can serve
@@ -80,6 +89,8 @@ class RuntimeStrategy(Strategy):
             if gpu:
                 space.append(categorical("ort_provider", gpu, when={"engine": ["onnxruntime"]},
                                          help="ONNX Runtime execution provider on this GPU worker"))
+        if "static_int8" in table.get("openvino", []):
+            space += _openvino_space(ctx)
         return space
 
     def off_params(self, ctx: SpaceContext) -> Params:
@@ -101,7 +112,31 @@ class RuntimeStrategy(Strategy):
         model = model.eval()
         if engine == "compile":
             return _compiled(model, params, trial, precision)
+        if engine == "openvino":
+            return _openvino(model, params, trial, precision)
         return _onnxruntime(model, params, trial, precision)
+
+
+OV_INT8 = {"engine": ["openvino"], "quantization.mode": ["static_int8"]}
+SMOOTH_QUANT_ALPHAS = (0.95, 0.8, 0.5, -1.0)  # NNCF's default first; -1 turns SmoothQuant off (NNCF's spelling)
+
+
+def _openvino_space(ctx: SpaceContext) -> list[Param]:
+    """NNCF's knobs where they apply: only in OpenVINO int8 trials, SmoothQuant for transformers, full bias
+    correction for other models (on a transformer it took 3 minutes and left fidelity at 0.767)."""
+    transformer = bool(ctx.model_info.get("transformer"))
+    space = [categorical("ov_preset", ("performance", "mixed"), when=OV_INT8,
+                         help="NNCF preset: symmetric (performance) or asymmetric (mixed) activation quantization")]
+    if transformer:
+        space.append(categorical("ov_smooth_quant", SMOOTH_QUANT_ALPHAS, when=OV_INT8,
+                                 help="NNCF SmoothQuant alpha for MatMuls (-1: off)"))
+    else:
+        space.append(categorical("ov_fast_bias_correction", (True, False), when=OV_INT8,
+                                 help="NNCF fast bias correction (False: the full, slower algorithm)"))
+    if ctx.capabilities.cpu_bf16:
+        space.append(categorical("ov_precision", ("f32", "bf16"), when=OV_INT8,
+                                 help="OpenVINO inference precision of the int8 model's float parts"))
+    return space
 
 
 def torch_version() -> str:
@@ -202,6 +237,53 @@ def _onnxruntime(model: torch.nn.Module, params: Params, trial: TrialContext, pr
     if served.fixed_batch is not None:
         trial.notes.append(f"runtime: the batch axis could not be exported as dynamic; the ONNX model is fixed at "
                            f"batch {served.fixed_batch} and other batch sizes run in slices")
+    return served
+
+
+def _openvino(model: torch.nn.Module, params: Params, trial: TrialContext, precision: str) -> torch.nn.Module:
+    from optagent.plugins import _openvino as ov
+
+    caps = trial.capabilities
+    device = "CPU"
+    if precision == "none":
+        hint = "f32"  # explicit: on a CPU with AMX, OpenVINO's default precision is bf16
+    elif precision == "bf16":
+        if not caps.cpu_bf16:
+            raise TrialFailed("bf16 under OpenVINO needs native bf16 (AVX512-BF16 or AMX); this CPU would emulate it")
+        hint = "bf16"
+    elif precision == "fp16":
+        if not (openvino_gpu(caps) and ov.has_device("GPU")):
+            raise TrialFailed("fp16 under OpenVINO runs on an Intel GPU, and OpenVINO sees none on this worker")
+        hint, device = "f16", "GPU"
+    elif precision == "static_int8":
+        if trial.device.type != "cpu":
+            raise TrialFailed("OpenVINO int8 runs on the CPU; this trial's model is on " + trial.device.type)
+        hint = str(params.get("ov_precision", "f32"))
+        if hint == "bf16" and not caps.cpu_bf16:
+            raise TrialFailed("ov_precision=bf16 needs native bf16 (AVX512-BF16 or AMX) on this CPU")
+    elif precision == "dynamic_int8":
+        raise TrialFailed("OpenVINO serves static int8 (NNCF, calibrated); dynamic_int8 is not one of its modes: "
+                          "use quantization.mode=static_int8 with runtime.engine=openvino")
+    else:
+        raise TrialFailed(f"precision {precision!r} is unknown to the openvino runtime")
+    model = model.cpu()
+    example = _example(trial, model)
+    transformer = ov.is_transformer(model)
+    smooth = params.get("ov_smooth_quant", 0.95) if transformer else None
+    fast_bc = bool(params.get("ov_fast_bias_correction", True)) or transformer
+    served, seconds, notes = ov.build(
+        model, example, calibration_batches(trial, model) if precision == "static_int8" else [],
+        threads=trial.threads, precision=precision, hint=hint, device=device,
+        preset=str(params.get("ov_preset", "performance")), smooth_quant=None if smooth is None else float(smooth),
+        fast_bias_correction=fast_bc, keep_float=list(trial.settings.get("float_layers") or []))
+    trial.extra_metrics.update(seconds)
+    trial.extra_metrics["runtime_max_abs_diff"] = _max_diff(model, served, example)
+    trial.notes += notes
+    trial.notes.append(f"runtime: OpenVINO {served.recipe['openvino']} on {device} ({ov.device_name(device)}), "
+                       f"{hint} inference precision, {trial.threads} thread(s); converted in "
+                       f"{seconds['export_time_s']:.1f} s, compiled in {seconds['compile_time_s']:.1f} s"
+                       + ("" if served.fixed_batch is None else f"; the batch axis could not be dynamic, so the "
+                          f"model is fixed at batch {served.fixed_batch} and other batch sizes run in slices"))
     return served
 
 

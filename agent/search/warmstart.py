@@ -21,10 +21,14 @@ from optagent.search.space import SearchSpace
 
 Params = dict[str, dict[str, Any]]
 
-# settings an engine runs with when it is tried alone (its other parameters are left to the sampler)
+# settings an engine runs with when it is tried alone (its other parameters are left to the sampler); a
+# setting that is not active in a point (OpenVINO's NNCF knobs outside int8) is ignored there
 ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {"compile": {"compile_mode": "default"},
                                               "onnxruntime": {"ort_level": "all"},
-                                              "openvino": {"ov_hint": "latency"}}
+                                              # NNCF's defaults, except the PERFORMANCE preset (the fastest
+                                              # measured on MiniLM at the same fidelity) and f32 precision
+                                              "openvino": {"ov_preset": "performance", "ov_smooth_quant": 0.95,
+                                                           "ov_fast_bias_correction": True, "ov_precision": "f32"}}
 
 
 def _choices(space: SearchSpace, strategy: str, name: str, variant: str = "") -> list[Any]:

@@ -1,0 +1,554 @@
+"""OpenVINO conversion, NNCF int8 and compiled-model serving for the runtime strategy.
+
+Imported lazily by `optagent.plugins.runtime` only when a trial serves with `runtime.engine=openvino`
+(it imports torch, openvino and, for int8, nncf). The trial's torch model, after pruning and fine-tuning,
+is converted with `openvino.convert_model` and its batch axis made dynamic (the other dimensions stay as
+the example input has them, so OpenVINO plans its kernels for them); a model whose batch cannot be
+dynamic is served at the trial's batch and fed in slices, like the other engines.
+
+Precision is OpenVINO's inference precision hint (f32, bf16 on CPUs with native bf16, f16 on an Intel
+GPU), always set explicitly: on a CPU with AMX, OpenVINO's own default is bf16, so "none" would otherwise
+not mean fp32. int8 is NNCF post-training quantization of the OpenVINO model, calibrated on the model
+file's calibration split (one sample per item, as NNCF's statistics expect), with the transformer model
+type for transformers. What the research behind this module measured on all-MiniLM-L6-v2 (one thread):
+
+- int8, PERFORMANCE preset, f32 precision: 4.0-4.6x at batch 1 at fidelity 0.9975;
+- int8 in bf16 precision drops fidelity to 0.889 unless ScaledDotProductAttention is left unquantized
+  (NNCF puts FakeQuantize on its inputs and the bf16 kernels break them), so with bf16 it always is;
+- `fast_bias_correction=False` (full bias correction) drops a transformer to 0.767: the runtime strategy
+  offers it for other models only.
+
+The mixed-precision strategy's float set (torch module names) becomes NNCF's ignored scope: the
+TorchScript-based conversion names nodes by module scope (`__module.bert.encoder.layer.0.output.dense/
+aten::linear/MatMul`); a Conv whose BatchNorm was folded into it loses its scope (`Multiply_2937`), and is
+found by its weight shape in execution order instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from optagent import inputs as ins
+from optagent.errors import TrialFailed
+from optagent.plugins._compile import _under_dispatch_mode, chunked, first_line, one_batch
+
+HINTS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+LAYER_TYPES = ("MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData")
+SDPA = "ScaledDotProductAttention"
+SUBSET = 300  # NNCF's default calibration subset; more samples only cost time
+_SCOPE = re.compile(r"^__module\.([^/]+)/")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The TorchScript tracer warns on every data-dependent branch; NNCF logs and draws progress bars."""
+    loggers = [logging.getLogger(n) for n in ("nncf", "openvino", "torch.jit", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def version() -> str:
+    import openvino as ov
+
+    return str(ov.get_version()).split("-")[0]
+
+
+def device_name(device: str) -> str:
+    import openvino as ov
+
+    try:
+        return str(ov.Core().get_property(device, "FULL_DEVICE_NAME"))
+    except Exception:
+        return device
+
+
+def has_device(device: str) -> bool:
+    import openvino as ov
+
+    return any(d.split(".")[0] == device for d in ov.Core().available_devices)
+
+
+# -- conversion -----------------------------------------------------------------------------------------
+def _ports(ov_model: Any, example: Any) -> list[Any]:
+    """The feed keys, in the order `feed` fills them: input names for a dict, positions otherwise."""
+    names = [p.get_any_name() if p.get_names() else str(i) for i, p in enumerate(ov_model.inputs)]
+    if isinstance(example, dict):
+        missing = [n for n in names if n not in example]
+        if missing:
+            raise TrialFailed(f"OpenVINO's model takes inputs {', '.join(missing)} that the example input does not "
+                              "have")
+        return names
+    args, _ = ins.as_args(example)
+    if len(args) != len(names):
+        raise TrialFailed(f"OpenVINO's model has {len(names)} inputs but the model is called with {len(args)} "
+                          "tensors (an unused input was dropped?); pass only the inputs forward() uses")
+    return list(range(len(names)))
+
+
+def feed(x: Any, keys: list[Any]) -> dict[Any, np.ndarray]:
+    """An OpenVINO feed: each input by name (dicts) or position, on the CPU, in its own dtype."""
+    if isinstance(x, dict):
+        return {k: x[k].detach().cpu().contiguous().numpy() for k in keys}
+    args, _ = ins.as_args(x)
+    return {i: args[i].detach().cpu().contiguous().numpy() for i in keys}
+
+
+def _shapes(ov_model: Any, example: Any, dynamic: bool) -> dict[Any, Any]:
+    """Each input's shape as the example has it, the batch axis dynamic if asked."""
+    import openvino as ov
+
+    tensors = list(ins.named(example).values()) if not isinstance(example, dict) else None
+    out = {}
+    for i, port in enumerate(ov_model.inputs):
+        t = example[port.get_any_name()] if isinstance(example, dict) else tensors[i]  # type: ignore[index]
+        dims = list(t.shape)
+        out[port] = ov.PartialShape([-1 if dynamic else dims[0], *dims[1:]])
+    return out
+
+
+def convert(model: torch.nn.Module, example: Any) -> Any:
+    """`openvino.convert_model` from the torch module, traced on the example input (its form and dtypes)."""
+    import openvino as ov
+
+    try:
+        with _quiet(), torch.no_grad():
+            return ov.convert_model(model, example_input=example if not isinstance(example, list) else tuple(example))
+    except Exception as exc:
+        raise TrialFailed(f"openvino.convert_model cannot convert the model: {first_line(exc)}") from exc
+
+
+# -- the float set ----------------------------------------------------------------------------------------
+def _weight_shape(node: Any) -> tuple[int, ...] | None:
+    shape = node.input(1).get_partial_shape()
+    return tuple(d.get_length() for d in shape) if shape.is_static else None
+
+
+def _conv_order(model: torch.nn.Module, example: Any) -> list[str]:
+    """Conv modules by name, in the order one forward call runs them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name))
+               for name, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    try:
+        with torch.no_grad():
+            ins.call(model, ins.take(example, 0, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def layer_nodes(ov_model: Any, model: torch.nn.Module, example: Any) -> dict[str, str]:
+    """OpenVINO layer node (MatMul/Convolution) -> the torch module it implements, for every one found.
+
+    By module scope in the node's name; a Conv whose BatchNorm was folded lost its scope, so the unnamed
+    Convolution nodes are paired with the Conv modules of the same weight size in execution order.
+    """
+    modules = dict(model.named_modules())
+    found: dict[str, str] = {}
+    unnamed: dict[int, list[str]] = defaultdict(list)
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() not in LAYER_TYPES:
+            continue
+        name = op.get_friendly_name()
+        scope = _SCOPE.match(name)
+        if scope and scope.group(1) in modules:
+            found[name] = scope.group(1)
+        elif op.get_type_name() != "MatMul" and (shape := _weight_shape(op)) is not None:
+            unnamed[int(np.prod(shape))].append(name)
+    named = set(found.values())
+    convs = [n for n in _conv_order(model, example) if n not in named] if unnamed else []
+    for conv in convs:
+        queue = unnamed.get(modules[conv].weight.numel())
+        if queue:
+            found[queue.pop(0)] = conv
+    return found
+
+
+def quantized_layers(ov_model: Any) -> set[str]:
+    """Names of the MatMul/Convolution nodes NNCF quantized: an input passes through a FakeQuantize or its
+    weight is an int8 constant."""
+    def int8(output: Any, depth: int = 0) -> bool:
+        node = output.get_node()
+        kind = node.get_type_name()
+        if kind == "FakeQuantize":
+            return True
+        if kind == "Constant":
+            return node.get_element_type().get_type_name() in ("i8", "u8")
+        if depth < 3 and kind in ("Convert", "Multiply", "Subtract", "Reshape", "Transpose"):
+            return any(int8(i.get_source_output(), depth + 1) for i in node.inputs())
+        return False
+
+    return {op.get_friendly_name() for op in ov_model.get_ordered_ops()
+            if op.get_type_name() in LAYER_TYPES and any(int8(i.get_source_output()) for i in op.inputs())}
+
+
+# -- NNCF ---------------------------------------------------------------------------------------------------
+def _items(calibration: Iterable[Any], fixed: int | None) -> list[Any]:
+    """Calibration inputs one sample per item (a dynamic batch), or in slices of the fixed batch."""
+    items: list[Any] = []
+    for batch in calibration:
+        size = fixed or 1
+        for start in range(0, ins.batch_size(batch), size):
+            items.append(ins.pad_to(ins.take(batch, start, start + size), size))
+            if len(items) >= SUBSET:
+                return items
+    return items
+
+
+def nncf_quantize(ov_model: Any, items: list[Any], keys: list[Any], *, transformer: bool, preset: str,
+                  smooth_quant: float | None, fast_bias_correction: bool, ignore_sdpa: bool,
+                  float_nodes: list[str]) -> Any:
+    """NNCF post-training int8 of an OpenVINO model."""
+    with _quiet():
+        import nncf
+        from nncf.quantization.advanced_parameters import (
+            AdvancedQuantizationParameters,
+            AdvancedSmoothQuantParameters,
+        )
+
+        advanced = None
+        if transformer and smooth_quant is not None:
+            advanced = AdvancedQuantizationParameters(
+                smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=float(smooth_quant)))
+        scope = nncf.IgnoredScope(names=list(float_nodes), types=[SDPA] if ignore_sdpa else [], validate=False)
+        try:
+            return nncf.quantize(
+                ov_model, nncf.Dataset(items, lambda x: feed(x, keys)), subset_size=len(items),
+                preset=nncf.QuantizationPreset(preset), fast_bias_correction=fast_bias_correction,
+                model_type=nncf.ModelType.TRANSFORMER if transformer else None, ignored_scope=scope,
+                advanced_parameters=advanced)
+        except Exception as exc:
+            raise TrialFailed(f"NNCF int8 quantization failed: {first_line(exc)}") from exc
+
+
+# -- compilation and serving --------------------------------------------------------------------------------
+def config(threads: int, hint: str, device: str, perf_count: bool = False) -> dict[str, Any]:
+    """The compile properties: the trial's threads, a latency hint, one stream, an explicit precision.
+
+    CPU pinning is off: trials on one host share its cores, and a pinned OpenVINO thread would fight the
+    baseline (and other trials' threads) for the core it was pinned to instead of being scheduled.
+    """
+    props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": HINTS[hint]}
+    if device == "CPU":
+        props.update(INFERENCE_NUM_THREADS=threads, NUM_STREAMS=1, ENABLE_CPU_PINNING=False)
+    if perf_count:
+        props["PERF_COUNT"] = True
+    return props
+
+
+def _compile(ov_model: Any, device: str, props: dict[str, Any]) -> Any:
+    import openvino as ov
+
+    try:
+        return ov.Core().compile_model(ov_model, device, props)
+    except Exception as exc:
+        raise TrialFailed(f"OpenVINO cannot compile the model for {device}: {first_line(exc)}") from exc
+
+
+def _serialize(ov_model: Any) -> tuple[bytes, bytes, Any]:
+    """The IR files' bytes (weights as they are: no fp16 compression) and the model read back from them,
+    so the model served is exactly the one `optagent export` writes."""
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="optagent-ov-") as tmp:
+        xml = Path(tmp) / "model.xml"
+        ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+        xml_bytes, bin_bytes = xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
+    weights = ov.Tensor(np.frombuffer(bin_bytes, dtype=np.uint8).copy()) if bin_bytes else ov.Tensor(
+        np.zeros(0, dtype=np.uint8))
+    return xml_bytes, bin_bytes, ov.Core().read_model(xml_bytes.decode(), weights)
+
+
+class OvModule(torch.nn.Module):
+    """An OpenVINO compiled model behind the torch calling convention: tensors in, tensors out.
+
+    One InferRequest is reused for every call. The IR's bytes are buffers, so `state_dict()` (and
+    model_size_mb) measures the files a user ships. `source` is the float torch module that was converted,
+    kept for FLOP counting only; `layers` maps OpenVINO layer nodes to torch module names (profile).
+    """
+
+    _source: torch.nn.Module
+    ov_xml: torch.Tensor
+    ov_bin: torch.Tensor
+
+    def __init__(self, xml: bytes, weights: bytes, ov_model: Any, compiled: Any, keys: list[Any],
+                 source: torch.nn.Module, structure: Any, fixed_batch: int | None, recipe: dict[str, Any],
+                 layers: dict[str, str]):
+        super().__init__()
+        self.register_buffer("ov_xml", torch.frombuffer(bytearray(xml), dtype=torch.uint8))
+        self.register_buffer("ov_bin", torch.frombuffer(bytearray(weights), dtype=torch.uint8) if weights
+                             else torch.zeros(0, dtype=torch.uint8))
+        object.__setattr__(self, "_source", source)  # not a submodule: its weights are not in the IR's size
+        self._ov_model = ov_model
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._keys = keys
+        self._structure = structure  # the eager output's pytree spec (None: a tensor or a tuple of them)
+        self.fixed_batch = fixed_batch
+        self.recipe = recipe
+        self.layers = layers
+
+    def _outputs(self, request: Any, device: torch.device) -> Any:
+        tensors = [torch.from_numpy(request.get_output_tensor(i).data.copy()).to(device)
+                   for i in range(len(self._compiled.outputs))]
+        if self._structure is not None:
+            from torch.utils._pytree import tree_unflatten
+
+            return tree_unflatten(tensors, self._structure)
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+    def _run(self, x: Any, request: Any = None) -> Any:
+        request = request or self._request
+        request.infer(feed(x, self._keys), share_inputs=True)
+        return self._outputs(request, ins.leaves(x)[0].device)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = one_batch(args, kwargs)
+        if _under_dispatch_mode():
+            if self.recipe.get("precision") == "static_int8":
+                raise RuntimeError("an int8 OpenVINO model has no float FLOP count")
+            return ins.call(self._source, x)
+        if self.fixed_batch is None:
+            return self._run(x)
+        return chunked(self._run, x, self.fixed_batch)
+
+    def train(self, mode: bool = True) -> OvModule:
+        """Serving only: there is nothing to switch in a compiled OpenVINO model."""
+        self.training = mode
+        return self
+
+    def extra_repr(self) -> str:
+        return f"recipe={self.recipe}"
+
+    def optagent_export(self, directory: Path) -> list[Path]:
+        """The IR (model.xml + model.bin) and the compile configuration it was measured with."""
+        directory.mkdir(parents=True, exist_ok=True)
+        xml, weights = directory / "model.xml", directory / "model.bin"
+        xml.write_bytes(self.ov_xml.numpy().tobytes())
+        weights.write_bytes(self.ov_bin.numpy().tobytes())
+        settings = directory / "openvino_config.json"
+        settings.write_text(json.dumps({
+            **self.recipe,
+            "inputs": [{"name": p.get_any_name() if p.get_names() else None,
+                        "type": p.get_element_type().get_type_name(), "shape": str(p.get_partial_shape())}
+                       for p in self._ov_model.inputs],
+            "how": "core = openvino.Core(); compiled = core.compile_model(core.read_model('model.xml'), "
+                   "config['device'], config['properties'])",
+        }, indent=2) + "\n")
+        return [xml, weights, settings]
+
+    def optagent_profile(self, batch: Any, *, threads: int, reps: int = 10, warmup: int = 5, top: int = 15) -> Any:
+        """OpenVINO's own per-layer performance counters (PERF_COUNT), as an optagent.profile.Profile."""
+        return profile(self, batch, reps=reps, warmup=warmup, top=top)
+
+
+# -- profile ------------------------------------------------------------------------------------------------
+def _module_kind(module: torch.nn.Module | None, node_type: str, exec_type: str) -> str:
+    from optagent.profile import _kind
+
+    int8 = bool(re.search(r"(^|_)[iIuU]8($|_)", exec_type))
+    if module is None:
+        return f"{node_type}[int8]" if int8 else node_type
+    kind = _kind(module)
+    return f"{kind}[int8]" if int8 and not kind.endswith("[int8]") else kind
+
+
+def profile(served: OvModule, batch: Any, *, reps: int, warmup: int, top: int) -> Any:
+    """Time `served` on `batch`, then run a copy compiled with PERF_COUNT and aggregate its counters.
+
+    Each executed node is attributed to the torch module it implements (by its own name, then the names of
+    the nodes the plugin fused into it); nodes of no module (reorders, input conversions) keep their name.
+    """
+    from optagent.profile import Profile, Row
+
+    recipe = served.recipe
+    x = batch if served.fixed_batch is None else ins.pad_to(ins.take(batch, 0, served.fixed_batch),
+                                                            served.fixed_batch)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            served(x)
+        plain = []
+        for _ in range(max(reps, 5)):
+            t0 = time.perf_counter()
+            served(x)
+            plain.append((time.perf_counter() - t0) * 1e3)
+    counted = _compile(served._ov_model, recipe["device"], {**recipe["properties"], "PERF_COUNT": True})
+    request = counted.create_infer_request()
+    original: dict[str, list[str]] = {}
+    for op in counted.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        names = str(rt["originalLayersNames"].astype(str)) if "originalLayersNames" in rt else ""
+        original[op.get_friendly_name()] = [n for n in names.split(",") if n]
+    for _ in range(warmup):
+        served._run(x, request)
+    per_node: dict[str, list[Any]] = {}
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        served._run(x, request)
+        for info in request.get_profiling_info():
+            if str(info.status).endswith(".EXECUTED"):
+                counters = per_node.setdefault(info.node_name, [info.node_type, info.exec_type, 0.0, 0])
+                counters[2] += info.real_time.total_seconds() * 1e6
+                counters[3] += 1
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    latency_ms = statistics.median(plain)
+    op_ms = sum(r[2] for r in per_node.values()) / 1e3 / reps
+    per_call = max(latency_ms, op_ms)
+    modules = dict(served._source.named_modules())
+
+    def module_of(node: str) -> str | None:
+        for name in (node, *original.get(node, [])):
+            if name in served.layers:
+                return served.layers[name]
+        for name in (node, *original.get(node, [])):
+            scope = _SCOPE.match(name)
+            if scope and scope.group(1) in modules:
+                return scope.group(1)
+        return None
+
+    def row(name: str, kind: str, us: float, count: float) -> Any:
+        ms = us / 1e3 / reps
+        return Row(name, kind, ms / per_call if per_call else 0.0, ms, count / reps)
+
+    by_module: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for node, (node_type, exec_type, us, count) in per_node.items():
+        owner = module_of(node)
+        kind = _module_kind(modules.get(owner) if owner else None, node_type, exec_type)
+        for table, key in ((by_module, (owner or node, kind)), (by_kind, kind), (by_op, f"{node_type} [{exec_type}]")):
+            table[key][0] += us  # type: ignore[index]
+            table[key][1] += count  # type: ignore[index]
+    return Profile(
+        batch_size=ins.batch_size(x), threads=int(recipe["properties"].get("INFERENCE_NUM_THREADS", 0) or 0),
+        device=f"openvino:{recipe['device']}", reps=reps, latency_ms=latency_ms, profiled_ms=wall_ms / reps,
+        op_fraction=min(1.0, op_ms / per_call) if per_call else 0.0,
+        modules=sorted((row(n, k, us, c) for (n, k), (us, c) in by_module.items()), key=lambda r: -r.fraction)[:top],
+        module_types=sorted((row(k, k, us, c) for k, (us, c) in by_kind.items() if us > 0), key=lambda r: -r.fraction),
+        operators=sorted((row(n, "op", us, c) for n, (us, c) in by_op.items()), key=lambda r: -r.fraction)[:top],
+    )
+
+
+# -- the whole build ----------------------------------------------------------------------------------------
+def is_transformer(model: torch.nn.Module) -> bool:
+    """A Hugging Face transformer (or anything with its config's attention fields), as the pipeline's
+    model_info tells them apart."""
+    return any(hasattr(getattr(m, "config", None), "num_attention_heads") for m in model.modules())
+
+
+def _structure(model: torch.nn.Module, example: Any, outputs: int) -> Any:
+    """The eager output's pytree spec, when it is more than a tensor or a flat tuple of them."""
+    from torch.utils._pytree import tree_flatten
+
+    with torch.no_grad():
+        out = ins.call(model, example)
+    leaves, spec = tree_flatten(out)
+    if isinstance(out, torch.Tensor) or (isinstance(out, tuple) and all(isinstance(o, torch.Tensor) for o in out)):
+        return None
+    return spec if len(leaves) == outputs else None
+
+
+def _other_batch(example: Any) -> Any:
+    """A batch of another size than the example's, to check that the dynamic batch really is."""
+    n = ins.batch_size(example)
+    return ins.take(example, 0, 1) if n > 1 else ins.repeat_to(example, 2)
+
+
+def _close(a: Any, b: Any) -> bool:
+    la, lb = ins.leaves(a), ins.leaves(b)
+    return len(la) == len(lb) and all(x.shape == y.shape for x, y in zip(la, lb, strict=True))
+
+
+def build(model: torch.nn.Module, example: Any, calibration: Iterable[Any], *, threads: int, precision: str,
+          hint: str, device: str = "CPU", preset: str = "performance", smooth_quant: float | None = None,
+          fast_bias_correction: bool = True, keep_float: list[str] | None = None,
+          ) -> tuple[OvModule, dict[str, float], list[str]]:
+    """Convert, quantize (static_int8), compile; returns the wrapper, setup seconds by phase, and notes."""
+    model = model.eval()
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+    started = time.perf_counter()
+    ov_model = convert(model, example)
+    keys = _ports(ov_model, example)
+    fixed: int | None = None
+    try:
+        ov_model.reshape(_shapes(ov_model, example, dynamic=True))
+    except Exception:
+        fixed = ins.batch_size(example)
+        ov_model.reshape(_shapes(ov_model, example, dynamic=False))
+    seconds["export_time_s"] = time.perf_counter() - started
+    layers = layer_nodes(ov_model, model, example)
+    transformer = is_transformer(model)
+    recipe: dict[str, Any] = {"engine": "openvino", "openvino": version(), "precision": precision,
+                              "device": device, "transformer": transformer}
+    if precision == "static_int8":
+        started = time.perf_counter()
+        floats = list(keep_float or [])
+        nodes = [node for node, module in layers.items() if module in set(floats)]
+        unmatched = sorted(set(floats) - {layers[n] for n in nodes})
+        quantized = nncf_quantize(ov_model, _items(calibration, fixed), keys, transformer=transformer, preset=preset,
+                                  smooth_quant=smooth_quant, fast_bias_correction=fast_bias_correction,
+                                  ignore_sdpa=hint == "bf16", float_nodes=nodes)
+        seconds["quantize_time_s"] = time.perf_counter() - started
+        int8 = quantized_layers(quantized)
+        total = sum(op.get_type_name() in LAYER_TYPES for op in ov_model.get_ordered_ops())
+        import nncf
+
+        recipe.update(nncf=nncf.__version__, preset=preset, fast_bias_correction=fast_bias_correction,
+                      smooth_quant_alpha=smooth_quant if transformer else None, float_layers=floats,
+                      ignored_nodes=nodes + ([f"type:{SDPA}"] if hint == "bf16" else []))
+        notes.append(f"runtime: NNCF int8 ({preset} preset" + (f", SmoothQuant alpha {smooth_quant}" if transformer
+                                                               and smooth_quant is not None else "")
+                     + f", fast bias correction {'on' if fast_bias_correction else 'off'}) in "
+                       f"{seconds['quantize_time_s']:.1f} s: {len(int8)} of {total} MatMul/Convolution layers int8"
+                     + (f", {len(nodes)} kept float" if nodes else "")
+                     + (f"; float layers with no OpenVINO node (quantized): {', '.join(unmatched)}" if unmatched
+                        else ""))
+        ov_model = quantized
+    started = time.perf_counter()
+    xml, weights, ov_model = _serialize(ov_model)
+    props = config(threads, hint, device)
+    compiled = _compile(ov_model, device, props)
+    recipe.update(properties=props, dynamic_batch=fixed is None, inference_precision=hint)
+    served = OvModule(xml, weights, ov_model, compiled, keys, model, None, fixed, recipe, layers)
+    served._structure = _structure(model, example, len(compiled.outputs))
+    if fixed is None:  # a batch axis can reshape and still be baked in (a traced view(1, ...)): try another size
+        other = _other_batch(example)
+        try:
+            with torch.no_grad():
+                ok = _close(served(other), ins.call(model, other))
+        except Exception:
+            ok = False
+        if not ok:
+            served.fixed_batch = recipe["fixed_batch"] = ins.batch_size(example)
+            recipe["dynamic_batch"] = False
+            ov_model.reshape(_shapes(ov_model, example, dynamic=False))
+            xml, weights, ov_model = _serialize(ov_model)
+            served = OvModule(xml, weights, ov_model, _compile(ov_model, device, props), keys, model,
+                              served._structure, served.fixed_batch, recipe, layers)
+    seconds["compile_time_s"] = time.perf_counter() - started
+    return served, seconds, notes
