@@ -23,6 +23,9 @@ _SLOW = {"runtime": (0, 1, 2)}
 # Strategies with parameters conditional on another strategy's: that strategy's params while sampling, so the
 # sampled points exercise them (batch_size.train is searched only in trials that fine-tune).
 _CONTEXT = {"batch_size": {"finetune": {"epochs": 1}}}
+# Strategies whose every point that is not off changes the model's outputs (the others act through
+# trial.settings or trial.loss_fn, or train in ways a sampled point may leave unchanged).
+_CHANGES = {"pruning", "quantization"}
 
 
 def _conformance_class(strategy: Strategy) -> type:
@@ -35,6 +38,8 @@ def _conformance_class(strategy: Strategy) -> type:
         body.update(sample_seeds=_SLOW[strategy.name], pytestmark=[pytest.mark.slow])
     if strategy.name in _CONTEXT:
         body.update(sampling_context=_CONTEXT[strategy.name])
+    if strategy.name in _CHANGES:
+        body.update(check_changes_model=True)
     return type(name, (StrategyConformance,), body)
 
 
@@ -82,12 +87,9 @@ class _Noisy(Strategy):
 def suite(tmp_path_factory: pytest.TempPathFactory) -> tuple[StrategyConformance, Any, SpaceContext]:
     from optagent import hardware
     from optagent.contract import ModelFile
-    from optagent.testing import DEFAULT_MODEL_SOURCE
+    from optagent.testing import default_model_file
 
-    path: Path = tmp_path_factory.getbasetemp() / "optagent-conformance" / "conformance_model.py"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text(DEFAULT_MODEL_SOURCE)
+    path: Path = default_model_file(tmp_path_factory.getbasetemp() / "optagent-conformance")
     return StrategyConformance(), ModelFile.from_path(path), SpaceContext(capabilities=hardware.detect("cpu"))
 
 
@@ -107,3 +109,95 @@ def test_the_suite_rejects_an_unseeded_strategy(suite: Any) -> None:
     checks, model_file, ctx = suite
     with pytest.raises(AssertionError, match="different models under the same seed"):
         checks.test_deterministic_under_a_seed(_Noisy(), model_file, ctx)
+
+
+class _ReturnsNone(_Noisy):
+    """Changes the model in place and forgets to return it (the guide once said "in place or return")."""
+
+    name = "returns_none"
+
+    def apply(self, model: Any, params: Params, trial: TrialContext) -> Any:
+        return None
+
+
+def test_the_suite_says_apply_returned_none(suite: Any) -> None:
+    checks, model_file, ctx = suite
+    with pytest.raises(TypeError, match=r"returns_none: apply\(\) returned None; return the model"):
+        checks.test_off_leaves_the_model_unchanged(_ReturnsNone(), model_file, ctx)
+
+
+class _DoesNothing(_Noisy):
+    """A strategy whose points that are not off leave the model as it is."""
+
+    name = "does_nothing"
+
+    def search_space(self, ctx: SpaceContext) -> list:
+        return [categorical("level", ("none", "some"))]
+
+    def apply(self, model: Any, params: Params, trial: TrialContext) -> Any:
+        return model
+
+
+def test_the_opt_in_check_catches_a_strategy_that_changes_nothing(suite: Any) -> None:
+    _, model_file, ctx = suite
+    opted_in = type("Checks", (StrategyConformance,), {"check_changes_model": True})()
+    with pytest.raises(AssertionError, match="apply\\(\\) changed nothing"):
+        opted_in.test_changes_the_model(_DoesNothing(), model_file, ctx)
+    with pytest.raises(pytest.skip.Exception, match="check_changes_model is False"):
+        StrategyConformance().test_changes_the_model(_DoesNothing(), model_file, ctx)
+
+
+class _TouchesBaseline(_DoesNothing):
+    """Trains the teacher instead of the student."""
+
+    name = "touches_baseline"
+
+    def apply(self, model: Any, params: Params, trial: TrialContext) -> Any:
+        import torch
+
+        if params.get("level") == "some":
+            with torch.no_grad():
+                next(trial.baseline.parameters()).mul_(0.5)
+        return model
+
+
+def test_the_suite_catches_a_strategy_that_modifies_the_baseline(suite: Any) -> None:
+    checks, model_file, ctx = suite
+    with pytest.raises(AssertionError, match="modified trial.baseline"):
+        checks.test_sampled_points_keep_the_model_runnable(_TouchesBaseline(), model_file, ctx)
+
+
+def _mutating_metric(model: Any, trial: Any, batch: Any) -> float:
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return 1.0
+
+
+def test_the_metric_suite_catches_a_metric_that_changes_the_model(suite: Any) -> None:
+    _, model_file, _ = suite
+    metric = Metric("zeroes_weights", "max", "", "zeroes the model it measures", _mutating_metric)
+    with pytest.raises(AssertionError, match="compute\\(\\) changed the model it measures"):
+        MetricConformance().test_leaves_the_model_and_the_baseline_alone(metric, model_file)
+
+
+def test_make_trial_gives_a_real_trial_context_without_internal_imports(tmp_path: Path) -> None:
+    import torch
+
+    from optagent.plugins.pruning import PruningStrategy
+    from optagent.testing import apply_strategy, default_model_file, make_trial
+
+    trial = make_trial(default_model_file(tmp_path), {"finetune": {"epochs": 1}}, seed=3,
+                       settings={"train_batch_size": 32})
+    assert isinstance(trial, TrialContext) and isinstance(trial.baseline, torch.nn.Module)
+    assert (trial.seed, trial.train_batch_size, trial.device.type) == (3, 32, "cpu")
+    assert trial.infer_batch_size == 4 and trial.params == {"finetune": {"epochs": 1}}
+    trial.report(0, 0.5)  # never stops here
+    assert trial.intermediate == {0: 0.5}
+    params = {"method": "unstructured", "amount": 0.5}
+    model, trial = apply_strategy(PruningStrategy(), params, trial)
+    assert trial.params["pruning"] == params
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    assert zeros > 0 and all(int((p == 0).sum()) == 0 for p in trial.baseline.parameters() if p.dim() > 1)
