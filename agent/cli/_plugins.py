@@ -34,8 +34,13 @@ def describe_plugins(registry: Any, ctx: Any) -> dict[str, Any]:
             "source": info.source, "builtin": info.builtin, "hooks": info.hooks,
             "strategies": strategies, "metrics": [registry.metrics[m].describe() for m in info.metrics],
         })
+    excluded = getattr(registry, "excluded", {})
     return {
         "plugins": plugins,
+        # installed, but left out by OPTAGENT_PLUGINS / skipped by a failed check (the warning says which)
+        "excluded": [{"name": n, "distribution": src.distribution, "version": src.version}
+                     for n, src in sorted(excluded.items())],
+        "skipped": [{"name": n, "reason": reason} for n, reason in getattr(registry, "skipped", {}).items()],
         "warnings": list(registry.warnings),
         "space_context": {"device": ctx.capabilities.device, "objectives": list(DEFAULT_OBJECTIVES)},
     }
@@ -84,6 +89,12 @@ def _print_human(doc: dict[str, Any]) -> None:
         other = [h for h in plugin["hooks"] if h not in ("optagent_register_strategies", "optagent_register_metrics")]
         if other:
             out.print(f"  hooks: {safe(', '.join(other))}")
+    for plugin in doc.get("skipped", []):
+        out.print(f"[red]{safe(plugin['name'])} skipped[/red]: {safe(plugin['reason'])}")
+    for plugin in doc.get("excluded", []):
+        dist = f" ({plugin['distribution']} {plugin['version']})" if plugin["distribution"] else ""
+        out.print(f"[yellow]{safe(plugin['name'])}{safe(dist)}[/yellow] installed, not loaded: OPTAGENT_PLUGINS "
+                  "leaves it out")
     ctx = doc["space_context"]
     out.print(f"[dim]search spaces as offered on this machine ({ctx['device']}) for objectives "
               f"{', '.join(ctx['objectives'])}; OPTAGENT_PLUGINS limits which installed plugins load[/dim]")
