@@ -277,7 +277,7 @@ def get_plugin_manager(*, load_entry_points: bool = True, extra: list[Any] | Non
                 detail = str(exc).splitlines()[0] if str(exc) else ""
                 log.debug("plugin %r (%s) failed to load:", ep.name, _entry_point_text(ep), exc_info=True)
                 _warn(warnings, f"plugin {ep.name!r} ({_entry_point_text(ep)}) was skipped: "
-                                f"{type(exc).__name__}: {detail}")
+                                f"{type(exc).__name__}: {detail} (optagent --debug shows the traceback)")
         builtin_names = {_normal(n) for n in (*DEFAULT_PLUGINS, "optagent")}
         unknown = sorted(wanted[n] for n in set(wanted) - matched - builtin_names)
         if unknown:
@@ -322,7 +322,7 @@ def _stage(pm: pluggy.PluginManager, name: str, plugin: Any, builtin: bool) -> _
             impl.function(**{arg: items.append for arg in impl.argnames})
         except Exception as exc:
             log.debug("plugin %r failed in %s:", name, hook_name, exc_info=True)
-            failures.append(f"{hook_name} raised {type(exc).__name__}: {exc}")
+            failures.append(f"{hook_name} raised {type(exc).__name__}: {exc} (optagent --debug shows the traceback)")
     for s in staged.strategies:
         failures += identity_problems(s)
     for m in staged.metrics:

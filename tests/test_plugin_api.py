@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _plugin_site import install_project, pythonpath_with
 
 from optagent.hookspecs import hookimpl
 
@@ -43,19 +44,28 @@ def _installed() -> bool:
 
 
 @pytest.fixture(scope="session")
-def distill_installed() -> Iterator[None]:
-    """pip-install the example plugin (editable, no deps: offline-safe); uninstall it again if we installed it."""
-    already = _installed()
-    if not already:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
-                        str(DISTILL)], check=True, capture_output=True, timeout=180)
-        importlib.invalidate_caches()
+def distill_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The example plugin, importable with its entry point and distribution metadata as `pip install` would
+    leave them, from a directory on PYTHONPATH (this process and every subprocess): the shared venv is not
+    touched, so other test runs never see the plugin appear or vanish."""
+    if _installed():
+        yield
+        return
+    site = tmp_path_factory.mktemp("distill-site")
+    install_project(DISTILL, site)
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = pythonpath_with(site)
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
     try:
         yield
     finally:
-        if not already:
-            subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "optagent-distill"],
-                           capture_output=True, timeout=120)
+        sys.path.remove(str(site))
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+        importlib.invalidate_caches()
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +152,18 @@ def test_a_worker_without_the_plugin_fails_the_trial_with_the_reason(distill_sea
 def test_an_empty_allowlist_loads_only_the_builtins(distill_installed: None, workdir: Path) -> None:
     doc, _ = plugins_json(workdir, env={"OPTAGENT_PLUGINS": ""})
     assert doc["plugins"] and all(p["builtin"] for p in doc["plugins"])
+    assert {"name": "distill", "distribution": "optagent-distill", "version": "0.1.0"} in doc["excluded"]
     doc, _ = plugins_json(workdir, env={"OPTAGENT_PLUGINS": "distill"})
     assert "distill" in {p["name"] for p in doc["plugins"]}
+
+
+def test_the_allowlist_takes_the_distribution_name_and_warns_about_unknown_ones(distill_installed: None,
+                                                                               workdir: Path) -> None:
+    doc, stderr = plugins_json(workdir, env={"OPTAGENT_PLUGINS": "optagent-distill,optagent-distil"})
+    assert "distill" in {p["name"] for p in doc["plugins"]}  # the name the user pip-installed
+    [warning] = doc["warnings"]
+    assert "OPTAGENT_PLUGINS names 'optagent-distil'" in warning and "distill (optagent-distill)" in warning
+    assert warning in stderr
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +256,64 @@ def test_every_public_name_resolves_from_the_top_level_package() -> None:
     assert optagent.TrialFailed is TrialFailed  # plugins raise it for a point that cannot work
     with pytest.raises(AttributeError):
         optagent.NoSuchName  # noqa: B018
+
+
+@pytest.fixture(scope="module")
+def clashing_plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two distributions whose plugins register the same strategy name."""
+    site = tmp_path_factory.mktemp("clash-site")
+    for dist, ep in (("optagent-clash-a", "clash_a"), ("optagent-clash-b", "clash_b")):
+        (site / f"optagent_{ep}.py").write_text(textwrap.dedent(f"""
+            import optagent
+            from optagent import Stage, Strategy, categorical
+
+            class Same(Strategy):
+                name = "same_name"
+                stage = Stage.DEPLOY
+                description = "registered by {ep}"
+
+                def search_space(self, ctx):
+                    return [categorical("on", (False, True))]
+
+                def off_params(self, ctx):
+                    return {{"on": False}}
+
+                def apply(self, model, params, trial):
+                    return model
+
+            @optagent.hookimpl
+            def optagent_register_strategies(register):
+                register(Same())
+        """))
+        info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[optagent]\n{ep} = optagent_{ep}\n")
+    return site
+
+
+def test_a_name_clash_between_two_plugins_is_a_warning_and_optagent_plugins_works(workdir: Path,
+                                                                                 clashing_plugins: Path) -> None:
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(clashing_plugins), os.environ.get("PYTHONPATH")])),
+           "OPTAGENT_PLUGINS": "clash_a,clash_b"}
+    doc, stderr = plugins_json(workdir, env=env)  # exit 0, not 2
+    owners = {p["name"]: [s["name"] for s in p["strategies"]] for p in doc["plugins"]}
+    assert owners["clash_a"] == ["same_name"] and owners["clash_b"] == []  # entry points load in name order
+    [warning] = doc["warnings"]
+    assert warning == ("plugin 'clash_b': strategy 'same_name' was skipped: plugin 'clash_a' registered that name "
+                       "first; uninstall one or leave one out with OPTAGENT_PLUGINS")
+    assert warning in stderr
+    proc = run("plugins", cwd=workdir, env=env, timeout=120)
+    assert proc.returncode == 0 and "same_name" in proc.stdout, proc.stderr
+
+
+def test_debug_shows_a_plugin_import_traceback(workdir: Path, bad_plugins: Path) -> None:
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(bad_plugins), os.environ.get("PYTHONPATH")])),
+           "OPTAGENT_PLUGINS": "broken"}
+    quiet = run("plugins", "--json", cwd=workdir, env=env, timeout=120)
+    assert quiet.returncode == 0 and "Traceback" not in quiet.stderr, quiet.stderr
+    assert "(optagent --debug shows the traceback)" in quiet.stderr
+    loud = run("--debug", "plugins", "--json", cwd=workdir, env=env, timeout=120)
+    assert loud.returncode == 0, loud.stderr
+    assert "Traceback (most recent call last)" in loud.stderr and "optagent_broken.py" in loud.stderr
+    assert "ImportError: needs vendor_sdk" in loud.stderr
