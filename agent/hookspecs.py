@@ -29,10 +29,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def optagent_register_strategies(register: Callable[[Strategy], None]) -> None:
     """Register optimization strategies.
 
-    Called once when the plugin manager builds its registry (in the CLI, the coordinator and every
-    worker). Call ``register(strategy)`` once per `optagent.Strategy` instance the plugin provides.
-    Strategy names are global: two plugins registering the same name is an error that names both.
-    Returns nothing.
+    Called once whenever a registry is built (in the CLI, the coordinator and every trial process). Call
+    ``register(strategy)`` once per `optagent.Strategy` instance the plugin provides. Registrations count
+    only once the hook returns and each strategy passed the registry's checks (`optagent.checks`: search
+    space, off point, no cycle); if the hook raises or a check fails, the whole plugin is skipped with a
+    warning naming it and the check. A name another plugin registered first (built-ins come first) skips
+    that strategy, with a warning naming both plugins. Returns nothing.
     """
 
 
@@ -40,10 +42,13 @@ def optagent_register_strategies(register: Callable[[Strategy], None]) -> None:
 def optagent_register_metrics(register: Callable[[Metric], None]) -> None:
     """Register metrics measured on every trial's final model (and usable as objectives).
 
-    Called once when the registry is built. Call ``register(metric)`` with an `optagent.Metric`: a name,
-    a default direction, a unit, a description and ``compute(model, trial_context, example_batch)``
-    returning a float. Metric names share one namespace with the model file's evaluation metrics and
-    the built-in latency figures. Returns nothing.
+    Called once whenever a registry is built. Call ``register(metric)`` with an `optagent.Metric`: a
+    name, a direction ("maximize"/"minimize", or "max"/"min"), a unit, a description and
+    ``compute(model, trial, batch)`` returning a float. `batch` is one eval batch at the trial's inference
+    batch size, on ``trial.device``, in the model file's input form; compute runs under the host's shared
+    compute lock. The same commit rule as for strategies applies. A name in `optagent.metrics.RESERVED`
+    or another plugin's skips that metric with a warning; one the model file's evaluate() returns is not
+    computed in that trial (a note says so). Returns nothing.
     """
 
 

@@ -10,6 +10,7 @@ tensors) are handled through `optagent.inputs`.
     is_quantized(model)                      whether it holds int8 modules or tensors
     weight_tensors(model)                    its weights and biases, float or quantized, each once
     state_tensors(value)                     every tensor inside a state_dict value
+    early_stopping(trial, total_steps)       let trial.report(step, value) stop a hopeless training run
 
 torch is imported by the functions, not by the module.
 """
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
     from optagent.strategy import TrialContext
 
-__all__ = ["example_batch", "is_quantized", "model_device", "state_tensors", "to_device", "weight_tensors"]
+__all__ = ["early_stopping", "example_batch", "is_quantized", "model_device", "state_tensors", "to_device",
+           "weight_tensors"]
 
 
 def model_device(model: Any, default: Any = "cpu") -> torch.device:
@@ -109,3 +111,14 @@ def weight_tensors(model: Any) -> list[torch.Tensor]:
             if isinstance(value, torch.Tensor):
                 found.append(value)
     return found
+
+
+def early_stopping(trial: TrialContext, total_steps: int) -> None:
+    """Before a training loop of `total_steps` steps: install the job's stop rule (`--pruner`: constraint,
+    median or none, fed with the job's earlier curves) so that `trial.report(step, value)` raises
+    `optagent.errors.TrialPruned` once the trial cannot meet the constraint. Report the constraint metric
+    (`trial.constraint.metric`) at step 0 and after each epoch. Without a constraint bound (the baseline
+    trial) or with `--pruner none`, reports are only recorded. The built-in fine-tuning does the same."""
+    from optagent.trial.early_stop import checker
+
+    trial.should_stop = checker(trial.settings.get("pruner") or {}, trial.constraint, int(total_steps))

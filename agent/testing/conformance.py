@@ -203,12 +203,23 @@ class StrategyConformance:
 
     def test_sampled_points_keep_the_model_runnable(self, strategy: Strategy, model_file: ModelFile,
                                                     space_context: SpaceContext) -> None:
+        """Every sampled point gives a runnable model with the baseline's output shape and finite outputs, and
+        leaves trial.baseline alone. A point may raise optagent.TrialFailed (it cannot work on this model),
+        as long as not every point does."""
+        from optagent.errors import TrialFailed
+
         example = model_file.example_input()
         expected = _shapes(_outputs(model_file.load_model(), example))
-        for seed, params in zip(self.sample_seeds, self.sampled_points(strategy, space_context), strict=True):
+        before = _state_of(model_file.load_model())
+        points = self.sampled_points(strategy, space_context)
+        refused: list[str] = []
+        for seed, params in zip(self.sample_seeds, points, strict=True):
             params = _json_roundtrip(params)  # what a worker receives
-            model, trial = self.run_point(strategy, params, model_file, space_context, seed)
-            before = _state_of(model_file.load_model())
+            try:
+                model, trial = self.run_point(strategy, params, model_file, space_context, seed)
+            except TrialFailed as exc:
+                refused.append(f"{params}: {exc}")
+                continue
             out = _outputs(model, example)
             assert _shapes(out) == expected, (
                 f"{strategy.name}: params {params} changed the output shape from {expected} to {_shapes(out)}")
@@ -217,6 +228,25 @@ class StrategyConformance:
             assert all(_same(v, before[k]) for k, v in trial.baseline.state_dict().items()), (
                 f"{strategy.name}: params {params} modified trial.baseline (it is the teacher; never change it)")
             _json_roundtrip(trial.notes)
+        assert len(refused) < len(points), (
+            f"{strategy.name}: every sampled point raised TrialFailed on this model ({'; '.join(refused)}); "
+            "override the model_file_path fixture with a model the strategy works on")
+
+    def _working(self, strategy: Strategy, model_file: ModelFile, ctx: SpaceContext,
+                 points: list[Params], seed: int = 0) -> list[tuple[Params, Any]]:
+        """(params, model) of the points that are not off and do not raise TrialFailed on this model."""
+        from optagent.errors import TrialFailed
+
+        out = []
+        for params in points:
+            if strategy.is_off(params, ctx):
+                continue
+            try:
+                model, _ = self.run_point(strategy, params, model_file, ctx, seed)
+            except TrialFailed:
+                continue
+            out.append((params, model))
+        return out
 
     def test_changes_the_model(self, strategy: Strategy, model_file: ModelFile,
                                space_context: SpaceContext) -> None:
@@ -225,11 +255,10 @@ class StrategyConformance:
             pytest.skip(f"{type(self).__name__}.check_changes_model is False")
         example = model_file.example_input()
         reference = _outputs(model_file.load_model(), example)
-        points = [p for p in self.sampled_points(strategy, space_context) if not strategy.is_off(p, space_context)]
-        if not points:
-            pytest.skip(f"{strategy.name}: every sampled point is off")
-        for params in points:
-            model, _ = self.run_point(strategy, params, model_file, space_context)
+        working = self._working(strategy, model_file, space_context, self.sampled_points(strategy, space_context))
+        if not working:
+            pytest.skip(f"{strategy.name}: every sampled point is off (or cannot work on this model)")
+        for params, model in working:
             assert not _same(_outputs(model, example), reference), (
                 f"{strategy.name}: params {params} are not off, yet the model's outputs are bit-identical to the "
                 "baseline's: apply() changed nothing")
@@ -237,12 +266,11 @@ class StrategyConformance:
     def test_deterministic_under_a_seed(self, strategy: Strategy, model_file: ModelFile,
                                         space_context: SpaceContext) -> None:
         example = model_file.example_input()
-        points = [p for p in self.sampled_points(strategy, space_context)
-                  if not strategy.is_off(p, space_context)][:2]
-        if not points:
-            pytest.skip(f"{strategy.name}: every sampled point is off")
-        for params in points:
-            first, _ = self.run_point(strategy, params, model_file, space_context, seed=7)
+        working = self._working(strategy, model_file, space_context, self.sampled_points(strategy, space_context),
+                                seed=7)[:2]
+        if not working:
+            pytest.skip(f"{strategy.name}: every sampled point is off (or cannot work on this model)")
+        for params, first in working:
             second, _ = self.run_point(strategy, params, model_file, space_context, seed=7)
             assert _same(_outputs(first, example), _outputs(second, example)), (
                 f"{strategy.name}: params {params} give different models under the same seed; seed every "
@@ -272,20 +300,37 @@ class StrategyConformance:
     def test_runs_inside_a_worker_process(self, strategy: Strategy, model_file_path: Path,
                                           space_context: SpaceContext) -> None:
         """A real trial in a fresh process (as the coordinator sends it), finding the strategy by name."""
-        from optagent.contract import sha256_bytes
-        from optagent.executors.local import LocalExecutor
+        from optagent.contract import ModelFile, sha256_bytes
+        from optagent.errors import TrialFailed
         from optagent.job import JobConfig, make_payload
         from optagent.protocol import JobRef, ModelRef
         from optagent.registry import build_registry
 
-        params = next((p for p in self.sampled_points(strategy, space_context)
-                       if not strategy.is_off(p, space_context)), strategy.off_params(space_context))
-        cfg = JobConfig(model_path=str(model_file_path), strategies=[strategy.name], threads=1, device="cpu",
-                        measure=dict(FAST_MEASURE), trial_timeout_s=self.worker_timeout_s)
-        payload = make_payload(cfg, JobRef(0, "conformance"),
-                               ModelRef(str(model_file_path), sha256_bytes(model_file_path.read_bytes())), 1,
-                               {strategy.name: _json_roundtrip(params)}, build_registry(log_warnings=False).versions())
-        message = _json_roundtrip(payload.to_json())  # exactly what travels to a Celery worker
+        points = [p for p in self.sampled_points(strategy, space_context) if not strategy.is_off(p, space_context)]
+        versions = build_registry(log_warnings=False).versions()
+        result: dict[str, Any] = {}
+        for params in points or [strategy.off_params(space_context)]:
+            cfg = JobConfig(model_path=str(model_file_path), strategies=[strategy.name], threads=1, device="cpu",
+                            measure=dict(FAST_MEASURE), trial_timeout_s=self.worker_timeout_s)
+            payload = make_payload(cfg, JobRef(0, "conformance"),
+                                   ModelRef(str(model_file_path), sha256_bytes(model_file_path.read_bytes())), 1,
+                                   {strategy.name: _json_roundtrip(params)}, versions)
+            result = self._in_a_worker(strategy, _json_roundtrip(payload.to_json()))  # what travels to Celery
+            if result["state"] == "complete":
+                break
+            try:  # a point that cannot work on this model (TrialFailed) may fail: try the next one
+                self.run_point(strategy, params, ModelFile.from_path(model_file_path), space_context)
+            except TrialFailed:
+                continue
+            break
+        assert result["state"] == "complete", (
+            f"{strategy.name}: the trial failed in a worker process: {result['failure_reason']}")
+        assert "accuracy" in result["metrics"] and result["metrics"]["latency_ms"] > 0
+        _json_roundtrip({k: v for k, v in result.items() if k != "metrics"})
+
+    def _in_a_worker(self, strategy: Strategy, message: dict[str, Any]) -> dict[str, Any]:
+        from optagent.executors.local import LocalExecutor
+
         executor = LocalExecutor(workers=1, time_limit_s=self.worker_timeout_s)
         try:
             executor.submit(1, message)
@@ -296,11 +341,7 @@ class StrategyConformance:
         finally:
             executor.close()
         assert outcomes, f"{strategy.name}: the worker process reported nothing"
-        result = outcomes[0].result
-        assert result["state"] == "complete", (
-            f"{strategy.name}: the trial failed in a worker process: {result['failure_reason']}")
-        assert "accuracy" in result["metrics"] and result["metrics"]["latency_ms"] > 0
-        _json_roundtrip({k: v for k, v in result.items() if k != "metrics"})
+        return dict(outcomes[0].result)
 
 
 class MetricConformance:
