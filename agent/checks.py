@@ -8,18 +8,22 @@ metric and say what to fix; an empty list means the check passed. Nothing here i
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import pluggy
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
+from optagent import hookspecs
 from optagent.metrics import DIRECTIONS, RESERVED, Metric
 from optagent.strategy import Objective, Param, Params, SpaceContext, Stage, Strategy, ordered_space, sample
 
-__all__ = ["cycle_problem", "identity_problems", "inside", "load_contexts", "metric_problems", "off_problems",
-           "space_problems", "strategy_problems"]
+__all__ = ["cycle_problem", "hook_problems", "identity_problems", "inside", "load_contexts", "metric_problems",
+           "off_problems", "space_problems", "strategy_problems"]
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
@@ -283,3 +287,33 @@ def load_contexts() -> list[SpaceContext]:
                          default_batch_size=8),
             SpaceContext(capabilities=gpu, objectives=objectives)]
 
+
+def _hook_names() -> list[str]:
+    return [name for name, fn in vars(hookspecs).items()
+            if name.startswith(f"{hookspecs.PROJECT}_") and inspect.isfunction(fn)]
+
+
+def hook_problems(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+    """Hook implementations the plugin manager cannot match: unknown names, or a hook without @hookimpl.
+
+    pluggy's `check_pending` finds the first kind for the whole manager; checking each plugin lets the
+    warning name the plugin and suggest the hook it probably meant.
+    """
+    known = _hook_names()
+    problems = []
+    for caller in pm.get_hookcallers(plugin) or []:
+        if not caller.has_spec():
+            close = difflib.get_close_matches(caller.name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"unknown hook {caller.name}{hint}")
+    for attr in dir(plugin):
+        if not attr.startswith(f"{hookspecs.PROJECT}_") or pm.parse_hookimpl_opts(plugin, attr) is not None:
+            continue
+        if inspect.isroutine(getattr(plugin, attr, None)):
+            if attr in known:
+                problems.append(f"{attr} lacks the @optagent.hookimpl decorator")
+            else:
+                close = difflib.get_close_matches(attr, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"unknown hook {attr}{hint}")
+    return problems

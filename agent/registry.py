@@ -7,28 +7,27 @@ function runs in the CLI, the coordinator and every worker process, so all of th
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata
 import inspect
 import logging
 import os
 import re
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
 from optagent import hookspecs
+from optagent.checks import hook_problems
 from optagent.errors import UserError
+from optagent.lifecycle import GUARD_NAME, LifecycleGuard
 from optagent.metrics import RESERVED, Metric
 from optagent.strategy import Strategy
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "optagent"
 ALLOWLIST_VAR = "OPTAGENT_PLUGINS"
-_GUARD_NAME = "optagent.registry.guard"
 
 
 @dataclass(frozen=True)
@@ -165,37 +164,6 @@ def _allowlist() -> set[str] | None:
     return {name.strip() for name in raw.split(",") if name.strip()}
 
 
-def _hook_names() -> list[str]:
-    return [name for name, fn in vars(hookspecs).items()
-            if name.startswith(f"{hookspecs.PROJECT}_") and inspect.isfunction(fn)]
-
-
-def _spelling_problems(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
-    """Hook implementations the plugin manager cannot match: unknown names, or a hook without @hookimpl.
-
-    pluggy's `check_pending` finds the first kind for the whole manager; checking each plugin lets the
-    warning name the plugin and suggest the hook it probably meant.
-    """
-    known = _hook_names()
-    problems = []
-    for caller in pm.get_hookcallers(plugin) or []:
-        if not caller.has_spec():
-            close = difflib.get_close_matches(caller.name, known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            problems.append(f"unknown hook {caller.name}{hint}")
-    for attr in dir(plugin):
-        if not attr.startswith(f"{hookspecs.PROJECT}_") or pm.parse_hookimpl_opts(plugin, attr) is not None:
-            continue
-        if inspect.isroutine(getattr(plugin, attr, None)):
-            if attr in known:
-                problems.append(f"{attr} lacks the @optagent.hookimpl decorator")
-            else:
-                close = difflib.get_close_matches(attr, known, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                problems.append(f"unknown hook {attr}{hint}")
-    return problems
-
-
 def _extra_name(pm: pluggy.PluginManager, plugin: Any) -> str:
     """A readable name for a plugin object passed in (its module, or its class), unique in `pm`."""
     base = plugin.__name__ if inspect.ismodule(plugin) else f"{type(plugin).__module__}.{type(plugin).__qualname__}"
@@ -211,7 +179,7 @@ def _register_checked(pm: PluginManager, plugin: Any, name: str | None, source: 
     """Register one plugin; on an import-time or spelling problem unregister it and warn, naming it."""
     registered = pm.register(plugin, name=name or _extra_name(pm, plugin))
     assert registered is not None  # register() returns the name, or None when blocked (never here)
-    problems = _spelling_problems(pm, plugin)
+    problems = hook_problems(pm, plugin)
     if problems:
         pm.unregister(plugin)
         _warn(warnings, f"plugin {registered!r} was skipped: {'; '.join(problems)}")
@@ -250,7 +218,7 @@ def get_plugin_manager(*, load_entry_points: bool = True, extra: list[Any] | Non
     warnings = warnings if warnings is not None else []
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
-    pm.register(_LifecycleGuard(), name=_GUARD_NAME)
+    pm.register(LifecycleGuard(), name=GUARD_NAME)
     for module_name in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
         pm.sources[module_name] = PluginSource("builtin", __version__, "optagent")
@@ -381,7 +349,7 @@ def build_registry(pm: pluggy.PluginManager | None = None, warnings: list[str] |
 
     # 1. every plugin's registrations, staged (registration order: built-ins first)
     staged_all = [_stage(pm, name, plugin, sources.get(name, PluginSource("extra")).kind == "builtin")
-                  for name, plugin in pm.list_name_plugin() if plugin is not None and name != _GUARD_NAME]
+                  for name, plugin in pm.list_name_plugin() if plugin is not None and name != GUARD_NAME]
     for staged in staged_all:
         if staged.failure:
             skip(staged, staged.failure)
@@ -436,46 +404,3 @@ def build_registry(pm: pluggy.PluginManager | None = None, warnings: list[str] |
         for message in warnings:
             log.warning(message)
     return Registry(pm, strategies, metrics, plugins, warnings, skipped, dict(getattr(pm, "excluded", {})))
-
-
-def _culprit(exc: BaseException, hook_name: str) -> str:
-    """The module of the innermost hook implementation in the traceback (the plugin that raised)."""
-    tb, found = exc.__traceback__, "a plugin"
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == hook_name:
-            found = repr(tb.tb_frame.f_globals.get("__name__", "a plugin"))
-        tb = tb.tb_next
-    return found
-
-
-class _LifecycleGuard:
-    """Wraps the lifecycle hooks so a failing experiment-tracker plugin is logged, never fatal to a job.
-
-    pluggy stops calling the remaining implementations of a hook once one raises; the guard turns that
-    exception into a warning so the coordinator carries on.
-    """
-
-    @staticmethod
-    def _guard(hook_name: str) -> Generator[None, Any, Any]:
-        try:
-            return (yield)
-        except Exception as exc:
-            log.warning("plugin %s failed in %s: %s: %s (ignored)", _culprit(exc, hook_name), hook_name,
-                        type(exc).__name__, exc)
-            return []
-
-    @hookspecs.hookimpl(wrapper=True)
-    def optagent_job_started(self, job: dict[str, Any]) -> Generator[None, Any, Any]:
-        return (yield from self._guard("optagent_job_started"))
-
-    @hookspecs.hookimpl(wrapper=True)
-    def optagent_trial_started(self, job: dict[str, Any], trial: dict[str, Any]) -> Generator[None, Any, Any]:
-        return (yield from self._guard("optagent_trial_started"))
-
-    @hookspecs.hookimpl(wrapper=True)
-    def optagent_trial_finished(self, job: dict[str, Any], trial: dict[str, Any]) -> Generator[None, Any, Any]:
-        return (yield from self._guard("optagent_trial_finished"))
-
-    @hookspecs.hookimpl(wrapper=True)
-    def optagent_job_finished(self, job: dict[str, Any], pareto: list[dict[str, Any]]) -> Generator[None, Any, Any]:
-        return (yield from self._guard("optagent_job_finished"))

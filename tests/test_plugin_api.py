@@ -241,7 +241,7 @@ def test_a_failing_lifecycle_hook_is_logged_and_does_not_stop_the_caller(caplog:
     from optagent.registry import get_plugin_manager
 
     pm = get_plugin_manager(load_entry_points=False, extra=[_FailingTracker()])
-    with caplog.at_level("WARNING", logger="optagent.registry"):
+    with caplog.at_level("WARNING", logger="optagent.lifecycle"):
         pm.hook.optagent_trial_finished(job={"id": 1}, trial={"number": 3})
     assert "failed in optagent_trial_finished: ConnectionError: tracker is down" in caplog.text
     assert __name__ in caplog.text  # names the plugin's module
