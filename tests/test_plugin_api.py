@@ -149,6 +149,15 @@ def test_a_worker_without_the_plugin_fails_the_trial_with_the_reason(distill_sea
     assert result["failure_reason"].startswith("strategy distill is not installed on worker host "), result
 
 
+def test_the_example_plugin_passes_its_own_tests(distill_installed: None) -> None:
+    """Its tests run the conformance suite (with a worker process) and its unit tests use optagent.testing."""
+    env = {k: v for k, v in os.environ.items() if k != "OPTAGENT_PLUGINS"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=DISTILL,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
 def test_an_empty_allowlist_loads_only_the_builtins(distill_installed: None, workdir: Path) -> None:
     doc, _ = plugins_json(workdir, env={"OPTAGENT_PLUGINS": ""})
     assert doc["plugins"] and all(p["builtin"] for p in doc["plugins"])

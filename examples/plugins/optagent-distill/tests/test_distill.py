@@ -6,9 +6,8 @@ import pytest
 import torch
 from optagent_distill import NO_FINETUNE_NOTE, DistillStrategy, distillation_loss
 
-from optagent import TrialContext
-from optagent.strategy import Strategy
-from optagent.testing import StrategyConformance
+from optagent import Strategy
+from optagent.testing import StrategyConformance, apply_strategy, default_model_file, make_trial
 
 
 class TestDistillConformance(StrategyConformance):
@@ -20,22 +19,9 @@ class TestDistillConformance(StrategyConformance):
 ON = {"enabled": "on", "temperature": 4.0, "alpha": 0.5}
 
 
-def _trial(model_file, params):  # noqa: ANN001, ANN202
-    from optagent import hardware
-
-    return TrialContext(model_file=model_file, baseline=model_file.load_model(), device=torch.device("cpu"),
-                        capabilities=hardware.detect("cpu"), params=params)
-
-
 @pytest.fixture
-def model_file(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    from optagent.contract import ModelFile
-    from optagent.testing import DEFAULT_MODEL_SOURCE
-
-    path = tmp_path_factory.getbasetemp() / "optagent-conformance" / "conformance_model.py"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(DEFAULT_MODEL_SOURCE)
-    return ModelFile.from_path(path)
+def model_path(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    return default_model_file(tmp_path_factory.getbasetemp() / "optagent-conformance")
 
 
 def test_the_soft_term_vanishes_when_student_matches_teacher() -> None:
@@ -44,12 +30,12 @@ def test_the_soft_term_vanishes_when_student_matches_teacher() -> None:
     assert distillation_loss(logits, torch.randn(5, 3), 4.0).item() > 0
 
 
-def test_configure_installs_a_loss_mixing_labels_and_teacher(model_file) -> None:  # noqa: ANN001
-    trial = _trial(model_file, {"finetune": {"epochs": 1}, "distill": ON})
+def test_configure_installs_a_loss_mixing_labels_and_teacher(model_path) -> None:  # noqa: ANN001
+    trial = make_trial(model_path, {"finetune": {"epochs": 1}, "distill": ON})
     DistillStrategy().configure(dict(ON), trial)
     assert trial.loss_fn is not None
-    inputs, targets = next(iter(model_file.loader("train", 16)))
-    student = model_file.load_model()
+    inputs, targets = next(iter(trial.model_file.loader("train", 16)))
+    student = trial.model_file.load_model()
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -64,8 +50,10 @@ def test_configure_installs_a_loss_mixing_labels_and_teacher(model_file) -> None
     assert torch.allclose(loss.detach(), expected, atol=1e-6)
 
 
-def test_on_without_finetune_epochs_is_noted_and_changes_nothing(model_file) -> None:  # noqa: ANN001
-    trial = _trial(model_file, {"finetune": {"epochs": 0}, "distill": ON})
-    DistillStrategy().configure(dict(ON), trial)
+def test_on_without_finetune_epochs_is_noted_and_changes_nothing(model_path) -> None:  # noqa: ANN001
+    trial = make_trial(model_path, {"finetune": {"epochs": 0}, "distill": ON})
+    model, trial = apply_strategy(DistillStrategy(), ON, trial)  # configure, then apply, as a worker does
     assert trial.loss_fn is None
     assert NO_FINETUNE_NOTE in trial.notes
+    example = trial.model_file.example_input()
+    assert torch.equal(model(example), trial.baseline(example))
