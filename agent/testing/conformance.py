@@ -233,12 +233,15 @@ class StrategyConformance:
             "override the model_file_path fixture with a model the strategy works on")
 
     def _working(self, strategy: Strategy, model_file: ModelFile, ctx: SpaceContext,
-                 points: list[Params], seed: int = 0) -> list[tuple[Params, Any]]:
-        """(params, model) of the points that are not off and do not raise TrialFailed on this model."""
+                 points: list[Params], seed: int = 0, limit: int | None = None) -> list[tuple[Params, Any]]:
+        """(params, model) of the points that are not off and do not raise TrialFailed on this model (the
+        first `limit` of them)."""
         from optagent.errors import TrialFailed
 
-        out = []
+        out: list[tuple[Params, Any]] = []
         for params in points:
+            if limit is not None and len(out) >= limit:
+                break
             if strategy.is_off(params, ctx):
                 continue
             try:
@@ -267,7 +270,7 @@ class StrategyConformance:
                                         space_context: SpaceContext) -> None:
         example = model_file.example_input()
         working = self._working(strategy, model_file, space_context, self.sampled_points(strategy, space_context),
-                                seed=7)[:2]
+                                seed=7, limit=2)
         if not working:
             pytest.skip(f"{strategy.name}: every sampled point is off (or cannot work on this model)")
         for params, first in working:
