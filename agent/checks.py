@@ -66,8 +66,9 @@ def _roundtrips(value: Any) -> bool:
         return False
 
 
-def identity_problems(strategy: Any) -> list[str]:
-    """A Strategy instance with an identifier name, an optagent.Stage and a one-sentence description."""
+def identity_problems(strategy: Any, strict: bool = True) -> list[str]:
+    """A Strategy instance with an identifier name, an optagent.Stage and a one-sentence description (a
+    string at least, when not `strict`: the registry does not skip a plugin for an empty description)."""
     if not isinstance(strategy, Strategy):
         return [f"{strategy!r} is not an optagent.Strategy instance; register an instance of your subclass"]
     name = getattr(strategy, "name", None)
@@ -77,7 +78,7 @@ def identity_problems(strategy: Any) -> list[str]:
     if not isinstance(getattr(strategy, "stage", None), Stage):
         problems.append(f"strategy {name!r}: stage must be an optagent.Stage, got {getattr(strategy, 'stage', None)!r}")
     description = getattr(strategy, "description", None)
-    if not isinstance(description, str) or not description.strip():
+    if not isinstance(description, str) or (strict and not description.strip()):
         problems.append(f"strategy {name!r}: set a one-sentence `description` (shown by `optagent plugins`)")
     return problems
 
@@ -213,8 +214,9 @@ def off_problems(strategy: Strategy, ctx: SpaceContext, others: Mapping[str, Par
 
 def strategy_problems(strategy: Strategy, ctx: SpaceContext, installed: Mapping[str, Strategy],
                       also: Sequence[SpaceContext] = ()) -> list[str]:
-    """Everything one strategy must pass on `ctx`: identity, space, off point (no cycles: `cycle_problem`)."""
-    problems = identity_problems(strategy)
+    """Everything one strategy must pass on `ctx` for the registry: identity (a description may be empty),
+    space, off point (no cycles: `cycle_problem`)."""
+    problems = identity_problems(strategy, strict=False)
     if problems:
         return problems
     problems = space_problems(strategy, ctx, installed, also)
@@ -242,9 +244,10 @@ def cycle_problem(strategies: Iterable[Strategy], ctx: SpaceContext) -> str | No
     return None
 
 
-def metric_problems(metric: Any) -> list[str]:
+def metric_problems(metric: Any, strict: bool = True) -> list[str]:
     """A Metric with an identifier name that is not reserved, a valid direction, text unit and description,
-    and a callable compute."""
+    and a callable compute. Not `strict` (the registry's check): a reserved name and an empty description
+    pass here (the registry skips a reserved metric on its own)."""
     if not isinstance(metric, Metric):
         return [f"{metric!r} is not an optagent.Metric instance; register optagent.Metric(name, direction, unit, "
                 "description, compute)"]
@@ -252,14 +255,14 @@ def metric_problems(metric: Any) -> list[str]:
     if not isinstance(name, str) or not name.isidentifier():
         return [f"metric name {name!r} must be a Python identifier (it is used as --objective NAME:max)"]
     problems = []
-    if name in RESERVED:
+    if strict and name in RESERVED:
         problems.append(f"metric {name!r}: the name is reserved for optagent's own measurements "
                         "(optagent.metrics.RESERVED); pick another")
     if metric.direction not in DIRECTIONS.values():
         problems.append(f"metric {name!r}: direction {metric.direction!r} is not 'maximize' or 'minimize'")
     if not isinstance(metric.unit, str):
         problems.append(f"metric {name!r}: unit must be a string (\"\" for a plain number)")
-    if not isinstance(metric.description, str) or not metric.description.strip():
+    if not isinstance(metric.description, str) or (strict and not metric.description.strip()):
         problems.append(f"metric {name!r}: set a one-sentence description (shown by `optagent plugins`)")
     if not callable(metric.compute):
         problems.append(f"metric {name!r}: compute must be callable as compute(model, trial, batch)")

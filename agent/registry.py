@@ -292,9 +292,9 @@ def _stage(pm: pluggy.PluginManager, name: str, plugin: Any, builtin: bool) -> _
             log.debug("plugin %r failed in %s:", name, hook_name, exc_info=True)
             failures.append(f"{hook_name} raised {type(exc).__name__}: {exc} (optagent --debug shows the traceback)")
     for s in staged.strategies:
-        failures += identity_problems(s)
+        failures += identity_problems(s, strict=False)
     for m in staged.metrics:
-        failures += [p for p in metric_problems(m) if "is reserved" not in p]  # a reserved name: the metric only
+        failures += metric_problems(m, strict=False)  # a reserved name skips the metric only (see build_registry)
     for kind, items in (("strategy", staged.strategies), ("metric", staged.metrics)):
         names = [str(getattr(i, "name", "")) for i in items]
         failures += [f"it registers {kind} {n!r} twice" for n in sorted({n for n in names if names.count(n) > 1})]

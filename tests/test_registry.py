@@ -423,3 +423,16 @@ def test_a_plugin_import_traceback_is_logged_at_debug_level(tmp_path: Path, monk
     debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "crashes" in r.getMessage()]
     assert debug and debug[0].exc_info is not None
     assert "in helper" in caplog.text  # the plugin's own frame, for the author
+
+
+def test_cosmetic_gaps_do_not_skip_a_plugin() -> None:
+    """An empty description is the conformance suite's to point out, not a reason to drop the plugin."""
+
+    class Terse(Toy):
+        name = "terse"
+        description = ""
+
+    warnings: list[str] = []
+    _, registry = registry_with(plugin(Terse(), metrics=(Metric("terse_metric", "min", "", "", _value),)),
+                                warnings=warnings)
+    assert "terse" in registry.strategies and "terse_metric" in registry.metrics and warnings == []
