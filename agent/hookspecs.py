@@ -6,7 +6,7 @@ Hooks that receive job or trial data receive plain JSON-compatible dicts, so a p
 optagent's storage classes.
 
 The lifecycle hooks (job/trial started/finished) run in the coordinator process only; an exception in one
-is logged as a warning naming the plugin and never stops the job (see `optagent.registry`).
+is logged as a warning naming the plugin and never stops the job (see `optagent.lifecycle`).
 """
 
 from __future__ import annotations
