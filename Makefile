@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,postgres,onnx,openvino,report
+EXTRAS ?= dev,postgres,onnx,openvino,report,examples
 
 .PHONY: demo test lint setup clean browser
 
