@@ -178,7 +178,10 @@ def offered_modes(ctx: SpaceContext) -> list[str]:
     caps = ctx.capabilities
     modes = ["none"]
     if caps.device == "cpu" and available_backends(caps):
-        modes += int8_modes(ctx)
+        # eager static int8 is torch.ao's FX graph mode: it traces forward() symbolically, which keyword inputs
+        # and Hugging Face code defeat; such models get static int8 from PT2E (compile) or ONNX Runtime instead
+        fx = ctx.model_info.get("input_form") != "dict" and "transformer" not in ctx.model_info
+        modes += [m for m in int8_modes(ctx) if m != "static_int8" or fx]
     if caps.device == "cuda":
         modes.append("fp16")
     if (caps.device == "cpu" and caps.cpu_bf16) or (caps.device == "cuda" and caps.gpu_bf16):
