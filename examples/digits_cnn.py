@@ -15,6 +15,7 @@ Run ``optagent check examples/digits_cnn.py`` or ``python examples/digits_cnn.py
 
 from __future__ import annotations
 
+import os
 import time
 from functools import lru_cache
 
@@ -119,9 +120,12 @@ def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
 
 
 def example_input() -> torch.Tensor:
-    """One serving batch of real eval images; its first dimension is the default serving batch size."""
+    """One serving batch of real eval images; its first dimension is the default serving batch size
+    (SERVING_BATCH, or OPTAGENT_EXAMPLE_BATCH when set: benchmarks serve the same model at other batches)."""
     x, _, split = _tensors()
-    return x[split["eval"][:SERVING_BATCH]].clone()
+    batch = int(os.environ.get("OPTAGENT_EXAMPLE_BATCH") or SERVING_BATCH)
+    rows = split["eval"][np.arange(batch) % len(split["eval"])]
+    return x[rows].clone()
 
 
 if __name__ == "__main__":
