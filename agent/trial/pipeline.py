@@ -223,8 +223,19 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
     batch = _batch(mf, bs, device)
     stats = time_models({"candidate": model, "baseline": baseline}, batch, payload.measure, payload.exclusive_measure,
                         device, ctx.seed)
+    for attempt in range(NOISY_RETRIES):  # timed while the machine was busy: time again, keep the quietest
+        if _spread(stats) <= NOISY_SPREAD:
+            break
+        again = time_models({"candidate": model, "baseline": baseline}, batch, payload.measure,
+                            payload.exclusive_measure, device, ctx.seed + attempt + 1)
+        stats = min(stats, again, key=_spread)
     cand, base = stats["candidate"], stats["baseline"]
     band = speedup_band(base.samples_ms, cand.samples_ms, seed=ctx.seed)
+    noisy = _spread(stats) > NOISY_SPREAD
+    if noisy:
+        ctx.notes.append(f"timed while the machine was busy: latency spread {_spread(stats):.0%} after "
+                         f"{NOISY_RETRIES + 1} attempts; this trial's speedup may be off (the confirmation re-measures "
+                         "the Pareto trials)")
     generation = _time_generation(mf, model, baseline, batch, payload, device, ctx.seed)
 
     with ctx.compute():
@@ -246,6 +257,7 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
         speedup_high=band.high,
         batch_size=float(bs),
         **generation,
+        **({"timing_noisy": 1.0} if noisy else {}),
     )
     _merge_extra(metrics, ctx)
     with ctx.compute():  # memory, FLOPs and size metrics run the model or serialize it
@@ -272,6 +284,14 @@ def run(payload: TrialPayload, started: float, worker: dict[str, Any], hardware:
 
 
 GENERATE_TOKENS = 16  # new tokens per timed generate() call
+
+
+NOISY_SPREAD = 0.15  # IQR / median above which a timing is taken again (quiet machines stay under 0.05)
+NOISY_RETRIES = 2
+
+
+def _spread(stats: dict[str, Any]) -> float:
+    return max(s.spread for s in stats.values())
 
 
 def _time_generation(mf: Any, model: Any, baseline: Any, batch: Any, payload: TrialPayload, device: Any,
