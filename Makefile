@@ -8,15 +8,20 @@ EXTRAS ?= dev,postgres,onnx,openvino,report,examples
 
 .PHONY: demo test lint setup clean browser
 
-$(VENV)/.installed: pyproject.toml
+# the demo needs optagent alone; the tests every extra (runtimes, PostgreSQL, reports, the transformer examples)
+$(VENV)/.base: pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 setup: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.base
 	$(VENV)/bin/optagent search examples/digits_cnn.py --trials 12 --workers 2 --db sqlite:///demo.db \
 		--strategies pruning,finetune,quantization,batch_size
 
