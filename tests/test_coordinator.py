@@ -310,3 +310,21 @@ def test_the_warm_start_tries_each_engine_then_each_precision_on_the_fastest(db:
     assert all(p["runtime"]["engine"] == "onnxruntime" for p in phase2)  # the fastest engine of phase 1
     assert {p["quantization"]["mode"] for p in phase2} == {"dynamic_int8", "static_int8"}
     assert any(k == "warm_start" for k, _ in events)
+
+
+def test_with_reuse_a_second_job_on_the_same_model_and_hardware_answers_from_the_first(
+        db: tuple[Any, str], tmp_path: Path, registry: Any) -> None:
+    engine, url = db
+    first = FakeExecutor()
+    Coordinator(engine, url, _job(db, tmp_path, n_trials=4, seed=3), registry, first).run()
+    second = FakeExecutor()
+    events: list[tuple[str, dict[str, Any]]] = []
+    job_id = _job(db, tmp_path, n_trials=4, seed=3, reuse=True)  # same seed: the sampler proposes the same points
+    Coordinator(engine, url, job_id, registry, second, on_event=lambda k, d: events.append((k, d))).run()
+    rows = _rows(engine, job_id)
+    reused = [r for r in rows if "reused_from" in r.metrics]
+    assert [r.number for r in reused] == [1, 2, 3, 4]  # the first job's four points, not run again
+    assert all(any("--reuse" in n for n in r.notes) for r in reused)
+    # reused trials cost nothing, so the budget buys four new measurements on top
+    assert [n for n, _ in second.sent] == [0, 5, 6, 7, 8]
+    assert any(k == "reuse" for k, _ in events)

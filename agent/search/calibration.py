@@ -50,6 +50,21 @@ def calibrate(metrics: Mapping[str, float], reference_ms: float | None = None) -
     return out
 
 
+def uncalibrated(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A trial's metrics as its worker measured them, before another job's calibration (for `--reuse`)."""
+    out = {k: v for k, v in metrics.items() if k not in ("latency_reference_ms", "baseline_drift")}
+    measured, latency = out.pop("latency_measured_ms", None), out.get("latency_ms")
+    if measured and latency:
+        factor = measured / latency
+        out["latency_ms"] = measured
+        for key in ("latency_p90_ms", "latency_p99_ms", "latency_per_sample_ms"):
+            if key in out:
+                out[key] = out[key] * factor
+        if "throughput" in out:
+            out["throughput"] = out["throughput"] / factor
+    return out
+
+
 class References:
     """The job's reference latency per worker and batch."""
 

@@ -152,6 +152,21 @@ class Records:
                 s.add(row)
             s.commit()
 
+    def elsewhere(self, model_hash: str, fingerprint: dict[str, Any]) -> list[tuple[str, Trial]]:
+        """(job name, row) of every finished trial other jobs measured on the same model file (hash) and on
+        hardware with the same fingerprint (CPU, threads, torch and runtime versions, GPU), for `--reuse`."""
+        keys = ("cpu_model", "threads", "torch", "software", "gpu", "device", "plugins")
+        same = {k: fingerprint.get(k) for k in keys}
+        with Session(self.engine) as s:
+            jobs = s.exec(select(Job).where(Job.model_hash == model_hash, Job.id != self.job_id)).all()
+            out = []
+            for job in jobs:
+                for row in job_trials(s, job.id or 0):
+                    if row.number > 0 and row.state in ("complete", "failed") and "reused_from" not in row.metrics \
+                            and {k: row.hardware.get(k) for k in keys} == same:
+                        out.append((job.name, row))
+        return out
+
     def insert(self, row: Trial) -> None:
         with Session(self.engine, expire_on_commit=False) as s:
             s.add(row)

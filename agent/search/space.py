@@ -67,6 +67,12 @@ class SearchSpace:
         """The searched strategies that analyse the model before the search (`Strategy.analysis`)."""
         return [s for s in self.strategies if type(s).analysis is not Strategy.analysis]
 
+    def full(self, params: Params) -> Params:
+        """`params` with every installed strategy it leaves out at its off params (how two jobs that searched
+        different strategies name the same recipe)."""
+        off = {s.name: s.off_params(self._context()) for s in self.strategies}
+        return {**self.fixed, **off, **{k: v for k, v in params.items() if v}}
+
     def off(self) -> Params:
         return {s.name: s.off_params(self._context()) for s in self.strategies}
 
