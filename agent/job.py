@@ -143,6 +143,7 @@ class JobConfig:
     pruner: str = "constraint"  # early stopping of recovery fine-tuning: none | median | constraint
     warm_start: bool = True  # single-strategy trials first, then the sampler
     reuse: bool = False  # answer a parameter set measured by an earlier job (same model and hardware)
+    dedup: bool = True  # answer a parameter set measured earlier in the job from its result (not run again)
     broker_retry_s: float = 120.0  # how long a lost broker is waited for before the job is interrupted
 
     def to_json(self) -> dict[str, Any]:

@@ -187,7 +187,7 @@ class Coordinator:
         if dropped is not None:
             self._skip(trial, dropped)
             return
-        twin = self.steering.seen(params)
+        twin = self.steering.seen(params) if self.cfg.dedup else None
         if twin is not None:
             self._reuse(trial, params, self.records.row(twin), f"same parameters as trial {twin}")
             return
