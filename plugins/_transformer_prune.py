@@ -107,6 +107,9 @@ def prune_transformer(model: nn.Module, example: Any, *, heads_removed: int = 0,
         if ffn > 0:
             with _declining("FFN channels"):
                 ffn_widths = _prune_ffn(model, specs, ffn, example, frozen, importance, calibration)
+            if not ffn_widths:
+                raise PruningDeclined("no FFN channel group was found (a Linear whose outputs only another Linear "
+                                      "consumes, outside attention)")
         if any(p.shape != hidden[n] for m in frozen for n, p in m.named_parameters(prefix=str(id(m)))):
             raise PruningDeclined("pruning changed the hidden size")
     if any(h.heads != heads0 - heads_removed for h in layout):

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 from optagent import inputs as ins
 from optagent.errors import TrialFailed
 from optagent.hookspecs import hookimpl
-from optagent.plugins._util import classifier_layers, example_batch, layer_width, prunable_weights, to_device
+from optagent.plugins._util import (
+    classifier_layers,
+    example_batch,
+    layer_width,
+    model_device,
+    prunable_weights,
+    to_device,
+)
 from optagent.strategy import Param, Params, SpaceContext, Stage, Strategy, TrialContext, categorical, real
 
 if TYPE_CHECKING:
@@ -195,8 +202,6 @@ def prune_transformer(model: torch.nn.Module, heads: float, ffn: float, trial: T
 def _calibration(model: torch.nn.Module, trial: TrialContext) -> tuple[list[Any], str]:
     """Calibration batches for the contribution importance, or none and "l2" when the model file has no data
     to give (the reason goes into the notes)."""
-    from optagent.plugins._util import model_device
-
     device = model_device(model, trial.device)
     try:
         loader = trial.model_file.loader("calibration", CALIBRATION_BATCH, limit=CALIBRATION_SAMPLES)
