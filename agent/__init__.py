@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "Constraint",
     "Data",
     "Metric",
     "Objective",
@@ -20,6 +21,7 @@ __all__ = [
     "Strategy",
     "TrialContext",
     "TrialFailed",
+    "TrialPruned",
     "UserError",
     "__version__",
     "cached_weights",
@@ -33,6 +35,7 @@ _LAZY = {
     "Data": "optagent.contract",
     "cached_weights": "optagent.contract",
     "Metric": "optagent.metrics",
+    "Constraint": "optagent.strategy",
     "Objective": "optagent.strategy",
     "Param": "optagent.strategy",
     "SpaceContext": "optagent.strategy",
@@ -44,15 +47,17 @@ _LAZY = {
     "real": "optagent.strategy",
     "hookimpl": "optagent.hookspecs",
     "TrialFailed": "optagent.errors",
+    "TrialPruned": "optagent.errors",
     "UserError": "optagent.errors",
 }
 
 if TYPE_CHECKING:
     from optagent.contract import Data, cached_weights
-    from optagent.errors import TrialFailed, UserError
+    from optagent.errors import TrialFailed, TrialPruned, UserError
     from optagent.hookspecs import hookimpl
     from optagent.metrics import Metric
     from optagent.strategy import (
+        Constraint,
         Objective,
         Param,
         SpaceContext,

@@ -81,7 +81,7 @@ class Coordinator:
         self.teller = Teller(self.study, self.goal, self.steering, self.records.engine)
         self._job_json = job_dict(job)
         self._last_beat = 0.0
-        self._plugins = {name: info.version or "" for name, info in registry.plugins.items()}
+        self._plugins = registry.versions()
         self.analyses: dict[str, Any] = {}  # Strategy.analysis results, sent with every trial
         self._curves: list[dict[str, float]] = []  # fine-tuning curves of the constraint metric (early stopping)
 

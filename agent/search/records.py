@@ -49,7 +49,12 @@ def create_job(engine: Engine, cfg: JobConfig, name: str | None, model_hash: str
         if name and session.exec(_select_job_by_name(name)).first() is not None:
             raise UserError(f"a job named {name!r} already exists; pick another --name or `optagent resume {name}`")
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        job = Job(name=name or f"{Path(cfg.model_path).stem}-{stamp}", study_name="", model_path=cfg.model_path,
+        default = f"{Path(cfg.model_path).stem}-{stamp}"
+        taken = 1
+        while not name and session.exec(_select_job_by_name(default)).first() is not None:
+            taken += 1  # two searches started within the same second
+            default = f"{Path(cfg.model_path).stem}-{stamp}-{taken}"
+        job = Job(name=name or default, study_name="", model_path=cfg.model_path,
                   model_hash=model_hash, config=cfg.to_json(), status=JobStatus.PENDING)
         session.add(job)
         session.commit()

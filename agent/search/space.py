@@ -47,6 +47,24 @@ class SearchSpace:
                                 model_info=dict(info), analysis=dict(analyses or {}),
                                 searched=tuple(s.name for s in self.strategies))
         self.fixed = {s.name: s.off_params(self.ctx) for s in self._unsearched}
+        self._check()
+
+    def _check(self) -> None:
+        """A space that only breaks on the job's real context (the worker's hardware, this model) fails the
+        job before any trial, naming the strategy (the registry checked it on generic contexts at load)."""
+        from optagent.checks import cycle_problem, strategy_problems
+        from optagent.errors import UserError
+
+        assert self.ctx is not None
+        installed = {s.name: s for s in [*self.strategies, *self._unsearched]}
+        for strategy in self.strategies:
+            problems = strategy_problems(strategy, self.ctx, installed)
+            if problems:
+                raise UserError(f"{problems[0]}; fix the plugin's search_space or leave the strategy out with "
+                                "--strategies")
+        cycle = cycle_problem(installed.values(), self.ctx)
+        if cycle:
+            raise UserError(cycle)
 
     @property
     def ready(self) -> bool:

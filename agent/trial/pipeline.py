@@ -147,19 +147,15 @@ def build(payload: TrialPayload, worker_host: str | None = None) -> Built:
         registry = build_registry(log_warnings=False)  # the CLI or `optagent worker` has shown them
         params: dict[str, dict[str, Any]] = payload.params or {}
         names = list(payload.strategies or params)
+        host = worker_host or socket.gethostname()
         missing = [name for name in names if name not in registry.strategies]
         if missing:
-            raise TrialFailed(f"strategy {', '.join(missing)} is not installed on worker host "
-                              f"{worker_host or socket.gethostname()}; install the plugin there (same versions "
-                              "as the coordinator)")
-        versions = plugin_versions(registry)
-        differ = sorted(n for n, v in payload.plugins.items() if n in versions and (versions[n] or "") != (v or ""))
-        if differ:
-            raise TrialFailed("worker host {} runs {} where the coordinator runs {}; install the same plugin versions "
-                              "on every machine".format(worker_host or socket.gethostname(),
-                                                        ", ".join(f"{n} {versions[n]}" for n in differ),
-                                                        ", ".join(f"{n} {payload.plugins[n]}" for n in differ)))
-        fingerprint["plugins"] = versions
+            raise TrialFailed(registry.why_missing(missing[0], f" on worker host {host}") +
+                              "; install the plugin there (the same version as on the coordinator)")
+        mismatch = registry.version_mismatch(payload.plugins, host)
+        if mismatch:
+            raise TrialFailed(mismatch)
+        fingerprint["plugins"] = registry.versions()
 
         mf = _load_model_file(payload.model)
         baseline = mf.load_model().to(device)
@@ -326,19 +322,18 @@ class _Generate:
         return self.generate(self.model, batch, GENERATE_TOKENS)
 
 
-def plugin_versions(registry: Any) -> dict[str, str]:
-    """Each registered plugin's version (built-ins carry optagent's): recorded with every trial, and a worker
-    whose versions differ from the coordinator's refuses the trial."""
-    return {name: str(info.version or "") for name, info in registry.plugins.items()}
-
-
 def _merge_extra(metrics: dict[str, float], ctx: Any) -> None:
     """Strategies' and metrics' extra figures (trial.extra_metrics), without overwriting a figure already
     measured (the model file's metrics, the latency measurements)."""
     for key, value in ctx.extra_metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            ctx.notes.append(f"extra metric {key} was not stored: {value!r} is not a number")
+            continue
         if key not in metrics:
-            metrics[key] = float(value)
-        elif metrics[key] != float(value):
+            metrics[key] = number
+        elif metrics[key] != number:
             ctx.notes.append(f"extra metric {key} was not stored: the name is taken")
 
 
