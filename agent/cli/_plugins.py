@@ -35,6 +35,16 @@ def describe_plugins(registry: Any, ctx: Any) -> dict[str, Any]:
             "strategies": strategies, "metrics": [registry.metrics[m].describe() for m in info.metrics],
         })
     excluded = getattr(registry, "excluded", {})
+    from optagent.plugins._precision import missing_engines
+    from optagent.search.space import SearchSpace
+    from optagent.search.warmstart import describe as describe_design
+
+    space = SearchSpace(registry, list(registry.strategies), tuple(ctx.objectives))
+    space.ctx, space.fixed = ctx, {}
+    try:
+        design = describe_design(space)
+    except Exception as exc:  # a plugin's broken space must not hide the listing
+        design = [f"unavailable: {type(exc).__name__}: {exc}"]
     return {
         "plugins": plugins,
         # installed, but left out by OPTAGENT_PLUGINS / skipped by a failed check (the warning says which)
@@ -42,6 +52,9 @@ def describe_plugins(registry: Any, ctx: Any) -> dict[str, Any]:
                      for n, src in sorted(excluded.items())],
         "skipped": [{"name": n, "reason": reason} for n, reason in getattr(registry, "skipped", {}).items()],
         "warnings": list(registry.warnings),
+        # runtimes this machine cannot offer, with the reason and the fix; the warm start's first trials
+        "engines_not_offered": missing_engines(ctx.capabilities),
+        "warm_start": design,
         "space_context": {"device": ctx.capabilities.device, "objectives": list(DEFAULT_OBJECTIVES)},
     }
 
@@ -95,6 +108,11 @@ def _print_human(doc: dict[str, Any]) -> None:
         dist = f" ({plugin['distribution']} {plugin['version']})" if plugin["distribution"] else ""
         out.print(f"[yellow]{safe(plugin['name'])}{safe(dist)}[/yellow] installed, not loaded: OPTAGENT_PLUGINS "
                   "leaves it out")
+    for engine, why in doc.get("engines_not_offered", {}).items():
+        out.print(f"runtime engine [yellow]{safe(engine)}[/yellow] not offered here: {safe(why)}")
+    if doc.get("warm_start"):
+        out.print("warm start (before the sampler; --no-warm-start turns it off): "
+                  + safe("; ".join(doc["warm_start"])))
     ctx = doc["space_context"]
     out.print(f"[dim]search spaces as offered on this machine ({ctx['device']}) for objectives "
               f"{', '.join(ctx['objectives'])}; OPTAGENT_PLUGINS limits which installed plugins load[/dim]")
