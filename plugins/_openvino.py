@@ -47,7 +47,6 @@ from optagent import inputs as ins
 from optagent.errors import TrialFailed
 from optagent.plugins._compile import _under_dispatch_mode, chunked, first_line, one_batch
 
-HINTS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
 LAYER_TYPES = ("MatMul", "Convolution", "GroupConvolution", "ConvolutionBackpropData")
 SDPA = "ScaledDotProductAttention"
 SUBSET = 300  # NNCF's default calibration subset; more samples only cost time
@@ -247,12 +246,13 @@ def nncf_quantize(ov_model: Any, items: list[Any], keys: list[Any], *, transform
 
 # -- compilation and serving --------------------------------------------------------------------------------
 def config(threads: int, hint: str, device: str, perf_count: bool = False) -> dict[str, Any]:
-    """The compile properties: the trial's threads, a latency hint, one stream, an explicit precision.
+    """The compile properties: the trial's threads, a latency hint, one stream, an explicit precision
+    (`hint`: f32, bf16 or f16).
 
     CPU pinning is off: trials on one host share its cores, and a pinned OpenVINO thread would fight the
     baseline (and other trials' threads) for the core it was pinned to instead of being scheduled.
     """
-    props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": HINTS[hint]}
+    props: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
     if device == "CPU":
         props.update(INFERENCE_NUM_THREADS=threads, NUM_STREAMS=1, ENABLE_CPU_PINNING=False)
     if perf_count:
@@ -306,25 +306,26 @@ class OvModule(torch.nn.Module):
         self._ov_model = ov_model
         self._compiled = compiled
         self._request = compiled.create_infer_request()
+        self._outputs = len(compiled.outputs)
         self._keys = keys
         self._structure = structure  # the eager output's pytree spec (None: a tensor or a tuple of them)
         self.fixed_batch = fixed_batch
         self.recipe = recipe
         self.layers = layers
 
-    def _outputs(self, request: Any, device: torch.device) -> Any:
-        tensors = [torch.from_numpy(request.get_output_tensor(i).data.copy()).to(device)
-                   for i in range(len(self._compiled.outputs))]
+    def _run(self, x: Any, request: Any = None) -> Any:
+        request = request or self._request
+        # the request's own output buffers are copied once, here (the next call overwrites them)
+        request.infer(feed(x, self._keys), share_inputs=True, share_outputs=True)
+        tensors = [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(self._outputs)]
+        device = ins.leaves(x)[0].device
+        if device.type != "cpu":
+            tensors = [t.to(device) for t in tensors]
         if self._structure is not None:
             from torch.utils._pytree import tree_unflatten
 
             return tree_unflatten(tensors, self._structure)
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
-
-    def _run(self, x: Any, request: Any = None) -> Any:
-        request = request or self._request
-        request.infer(feed(x, self._keys), share_inputs=True)
-        return self._outputs(request, ins.leaves(x)[0].device)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         x = one_batch(args, kwargs)
@@ -472,15 +473,24 @@ def _structure(model: torch.nn.Module, example: Any, outputs: int) -> Any:
     return spec if len(leaves) == outputs else None
 
 
-def _other_batch(example: Any) -> Any:
-    """A batch of another size than the example's, to check that the dynamic batch really is."""
+def _batch_axis(ov_model: Any, model: torch.nn.Module, example: Any, keys: list[Any], threads: int) -> int | None:
+    """Make the batch axis dynamic if the converted graph allows it; else fix it at the example's batch
+    (returned). A batch axis can reshape and still be baked in (the tracer unrolled a loop over the
+    batch), so the float graph is run once at another batch size and its output shapes checked."""
     n = ins.batch_size(example)
-    return ins.take(example, 0, 1) if n > 1 else ins.repeat_to(example, 2)
-
-
-def _close(a: Any, b: Any) -> bool:
-    la, lb = ins.leaves(a), ins.leaves(b)
-    return len(la) == len(lb) and all(x.shape == y.shape for x, y in zip(la, lb, strict=True))
+    other = ins.take(example, 0, 1) if n > 1 else ins.repeat_to(example, 2)
+    try:
+        ov_model.reshape(_shapes(ov_model, example, dynamic=True))
+        request = _compile(ov_model, "CPU", config(threads, "f32", "CPU")).create_infer_request()
+        got = request.infer(feed(other, keys))
+        with torch.no_grad():
+            want = ins.leaves(ins.call(model, other))
+        if sorted(tuple(v.shape) for v in got.values()) == sorted(tuple(t.shape) for t in want):
+            return None
+    except Exception:
+        pass
+    ov_model.reshape(_shapes(ov_model, example, dynamic=False))
+    return n
 
 
 def build(model: torch.nn.Module, example: Any, calibration: Iterable[Any], *, threads: int, precision: str,
@@ -494,12 +504,7 @@ def build(model: torch.nn.Module, example: Any, calibration: Iterable[Any], *, t
     started = time.perf_counter()
     ov_model = convert(model, example)
     keys = _ports(ov_model, example)
-    fixed: int | None = None
-    try:
-        ov_model.reshape(_shapes(ov_model, example, dynamic=True))
-    except Exception:
-        fixed = ins.batch_size(example)
-        ov_model.reshape(_shapes(ov_model, example, dynamic=False))
+    fixed = _batch_axis(ov_model, model, example, keys, threads)
     seconds["export_time_s"] = time.perf_counter() - started
     layers = layer_nodes(ov_model, model, example)
     transformer = is_transformer(model)
@@ -533,22 +538,8 @@ def build(model: torch.nn.Module, example: Any, calibration: Iterable[Any], *, t
     xml, weights, ov_model = _serialize(ov_model)
     props = config(threads, hint, device)
     compiled = _compile(ov_model, device, props)
-    recipe.update(properties=props, dynamic_batch=fixed is None, inference_precision=hint)
-    served = OvModule(xml, weights, ov_model, compiled, keys, model, None, fixed, recipe, layers)
-    served._structure = _structure(model, example, len(compiled.outputs))
-    if fixed is None:  # a batch axis can reshape and still be baked in (a traced view(1, ...)): try another size
-        other = _other_batch(example)
-        try:
-            with torch.no_grad():
-                ok = _close(served(other), ins.call(model, other))
-        except Exception:
-            ok = False
-        if not ok:
-            served.fixed_batch = recipe["fixed_batch"] = ins.batch_size(example)
-            recipe["dynamic_batch"] = False
-            ov_model.reshape(_shapes(ov_model, example, dynamic=False))
-            xml, weights, ov_model = _serialize(ov_model)
-            served = OvModule(xml, weights, ov_model, _compile(ov_model, device, props), keys, model,
-                              served._structure, served.fixed_batch, recipe, layers)
+    recipe.update(properties=props, dynamic_batch=fixed is None, fixed_batch=fixed, inference_precision=hint)
+    structure = _structure(model, example, len(compiled.outputs))
+    served = OvModule(xml, weights, ov_model, compiled, keys, model, structure, fixed, recipe, layers)
     seconds["compile_time_s"] = time.perf_counter() - started
     return served, seconds, notes

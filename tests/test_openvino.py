@@ -222,6 +222,64 @@ def test_tuple_inputs_with_int64_ids_and_dict_outputs(tmp_path: Path) -> None:
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
 
 
+BAKED = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+import optagent
+
+
+class Net(nn.Module):
+    """Iterating over the batch: the tracer unrolls the loop, so the converted graph has the example's batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16, 2)
+
+    def forward(self, x):
+        return torch.stack([self.fc(row.flatten()) for row in self.conv(x)])
+
+
+def load_model():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def _data():
+    x = torch.randn(40, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    return TensorDataset(x, (x.mean((1, 2, 3)) > 0).long())
+
+
+def load_data():
+    return optagent.Data(train=_data(), eval=_data())
+
+
+def evaluate(model, loader):
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return {"accuracy": correct / total}
+
+
+def example_input():
+    return torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+'''
+
+
+@needs_ov
+def test_a_batch_the_trace_baked_in_is_served_in_slices(tmp_path: Path) -> None:
+    path = tmp_path / "baked.py"
+    path.write_text(BAKED)
+    mf = ModelFile.from_path(str(path))
+    served, trial = serve(mf, "none")
+    assert served.fixed_batch == 4 and served.recipe["dynamic_batch"] is False
+    assert "fixed at batch 4" in " ".join(trial.notes)
+    x = torch.randn(7, 1, 4, 4)
+    torch.testing.assert_close(served(x), mf.load_model()(x).detach(), atol=1e-5, rtol=1e-5)
+
+
 # -- export, apply, profile -------------------------------------------------------------------------------
 @needs_ov
 def test_export_writes_the_ir_and_its_compile_config(tmp_path: Path) -> None:
