@@ -155,6 +155,14 @@ def find_attention(model: nn.Module) -> list[AttentionSpec]:
     return specs
 
 
+def hidden_size(model: nn.Module) -> int | None:
+    """The width of the residual stream: the config's, else the first embedding's."""
+    found = _first_int(configs(model), ("hidden_size", "n_embd", "d_model", "dim"))
+    if found:
+        return found
+    return next((int(m.embedding_dim) for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
 def frozen_layers(model: nn.Module) -> list[nn.Module]:
     """Layers whose outputs are the hidden size: every embedding, every norm, the output embeddings."""
     frozen: list[nn.Module] = []

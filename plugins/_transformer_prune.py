@@ -44,6 +44,7 @@ from optagent.plugins._attention import (
     fix_attention_attributes,
     float_leaves,
     frozen_layers,
+    hidden_size,
     loose_parameters,
     max_difference,
     set_ffn_width,
@@ -349,15 +350,19 @@ def _prune_ffn(model: nn.Module, specs: list[AttentionSpec], fraction: float, ex
                frozen: list[nn.Module], importance: str, calibration: Sequence[Any]) -> dict[str, tuple[int, int]]:
     """Pass B: with the attention projections ignored, the prunable groups left are channels a Linear produces
     and another consumes (FFN up/gate -> down). Groups that produce an output nothing consumes (a classifier,
-    a pooler whose result is returned) are skipped: their width is the model's output. Returns the widths of
-    the layers whose outputs shrank, by name."""
+    a pooler whose result is returned) are skipped: their width is the model's output; so are layers as wide
+    as the hidden size (a pooler feeding a classifier), which are not FFN channels. Returns the widths of the
+    layers whose outputs shrank, by name."""
     import torch_pruning as tp
 
     widths = {n: m.out_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    hidden = hidden_size(model)
+    others = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == hidden]
     with torch.enable_grad():
         pruner = tp.pruner.MetaPruner(
             model, example, importance=_importance(importance, model, calibration), global_pruning=False,
-            pruning_ratio=fraction, ignored_layers=_ignored(frozen, [p for s in specs for p in s.projections]),
+            pruning_ratio=fraction,
+            ignored_layers=_ignored(frozen, [*(p for s in specs for p in s.projections), *others]),
             round_to=FFN_ROUND_TO, in_channel_groups={}, out_channel_groups={}, num_heads={},
             forward_fn=_forward, output_transform=_scalar)
         for group in pruner.step(interactive=True):
