@@ -192,6 +192,8 @@ def _torch_export(model: Any, example: Any, target: Path, why: list[str]) -> boo
     """torch.export with a dynamic batch dimension, else at the example's batch; False (and why) if it cannot."""
     import torch
 
+    if ins.batch_size(example) == 1:  # torch.export specializes a dimension of size 1: export from two rows
+        example = ins.repeat_to(example, 2)
     args, kwargs = ins.as_args(example)
     for spec in (_batch_dims(example), None):
         try:
