@@ -3,9 +3,10 @@
 Every command that takes a model file (`check`, `search`, `profile`, `export`, `apply`) first runs
 `optagent.contract.inspect` on it here, in a fresh child process (`python -m optagent.preflight`), never in
 the caller. A model file that hangs, calls `sys.exit` or `os._exit`, crashes, or leaves a non-daemon thread
-behind costs that child only: each piece (the import, `load_model()`, `load_data()`, `example_input()`,
-`evaluate()`) has `timeout_s` seconds, and the child is killed with everything it started (its own process
-session) when a piece overruns or the check ends. What the caller gets back is plain data: the problems
+behind costs that child only: the import has `timeout_s` seconds and each function's first call
+(`load_model()`, `load_data()`, `example_input()`, `evaluate()`; they may train or download) ten times that,
+and the child is killed with everything it started (its own process session) when a piece overruns or the
+check ends. What the caller gets back is plain data: the problems
 found, the metric names and values of one evaluation, the input form and default batch, and whether CUDA is
 usable, so `optagent search` can check its objectives and --device before a job row exists, and the
 coordinator never imports the user's file.
@@ -31,6 +32,7 @@ from optagent.errors import UserError
 
 DEFAULT_TIMEOUT_S = 60.0
 STARTUP_S = 120.0  # the child's own imports (torch) before the model file's clock starts: a busy host is slow
+CALL_FACTOR = 10  # a function's first call may train or download (the digits demo trains ~20 s): 10x the import's
 _EXIT_FIX = "remove the exit call; keep script code under `if __name__ == \"__main__\":`"
 
 
@@ -64,23 +66,26 @@ class Preflight:
             raise UserError(f"{self.path}: {first}{more}")
 
 
-def _limit_text(timeout_s: float) -> str:
-    return f"{timeout_s:g} s (--import-timeout)"
+def limit_for(piece: str, timeout_s: float) -> float:
+    """Seconds a piece may take: the import `timeout_s`, each function's first call CALL_FACTOR times that."""
+    if piece == "startup":
+        return max(STARTUP_S, timeout_s)
+    return timeout_s if piece == "import" else CALL_FACTOR * timeout_s
 
 
 def _hang(piece: str, path: str, timeout_s: float) -> Problem:
-    name = Path(path).name
+    name, limit = Path(path).name, limit_for(piece, timeout_s)
     if piece == "import":
-        return Problem("model file", f"importing {name} did not finish within {_limit_text(timeout_s)}",
+        return Problem("model file", f"importing {name} did not finish within {limit:g} s (--import-timeout)",
                        "move blocking top-level code into a function (or under `if __name__ == \"__main__\":`), or "
                        "raise --import-timeout if the import is just slow")
     if piece == "startup":
-        return Problem("optagent", f"the checking process did not start within {STARTUP_S:g} s (importing torch)",
+        return Problem("optagent", f"the checking process did not start within {limit:g} s (importing torch)",
                        "the machine is overloaded or the Python environment is broken; run `python -c \"import "
                        "torch\"` to see")
-    return Problem(piece, f"did not return within {_limit_text(timeout_s)}",
-                   f"if {piece.split('(')[0]} trains or downloads on first use, raise --import-timeout (e.g. "
-                   "--import-timeout 600) or run it once beforehand; otherwise find where it blocks")
+    return Problem(piece, f"did not return within {limit:g} s ({CALL_FACTOR} x --import-timeout)",
+                   f"if {piece.split('(')[0]} trains or downloads on first use, run it once beforehand or raise "
+                   "--import-timeout; otherwise find where it blocks")
 
 
 def _died(piece: str, path: str, code: int | None, output: str) -> Problem:
@@ -168,8 +173,7 @@ def _watch(proc: subprocess.Popen[bytes], status: Path, output: Path, path: str,
             if status.exists() and status.stat().st_size > seen:
                 continue
             return Preflight(path=path, problems=[_died(piece, path, code, _last_line(output))])
-        limit = max(STARTUP_S, timeout_s) if piece == "startup" else timeout_s
-        if time.monotonic() - since > limit:
+        if time.monotonic() - since > limit_for(piece, timeout_s):
             return Preflight(path=path, problems=[_hang(piece, path, timeout_s)])
         time.sleep(0.05)
 

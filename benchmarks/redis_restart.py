@@ -40,7 +40,7 @@ def main() -> int:
         good += ok
         print(f"round {i}: exit {run.returncode}, job {run.status['status']}, {len(complete)}/{args.trials} measured "
               f"trials complete ({len(rows) - 1 - len(run.measured)} answered from a twin), numbers unique: {unique}, "
-              f"restart after {run.restarted_after} complete, broker lost/back lines {lost_back}, "
+              f"Redis restarted after {run.restarted_after} measured, broker lost/back lines {lost_back}, "
               f"{run.seconds:.0f} s -> {'ok' if ok else 'FAILED'}", flush=True)
         if not ok:
             print(run.stderr[-3000:], file=sys.stderr)

@@ -58,7 +58,7 @@ class Run:
     returncode: int
     stderr: str
     status: dict[str, Any]
-    restarted_after: int  # complete trials when Redis went down
+    restarted_after: int  # trials that had run to completion when Redis went down
     seconds: float
 
     @property
@@ -90,13 +90,17 @@ def start_search(tmp: Path, redis: RestartableRedis, pool: WorkerPool, trials: i
 
 def wait_complete(proc: subprocess.Popen[str], name: str, db: str, env: dict[str, str], at_least: int,
                   timeout: float = 600) -> int:
+    """Wait until `at_least` searched trials ran to completion (answers from a twin do not count) and more
+    are in flight; returns how many had completed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the search ended before the restart: {proc.communicate()[1][-3000:]}"
         st = status(name, db, env)
-        if st and st["complete"] >= at_least:
-            return int(st["complete"])
-        time.sleep(1.0)
+        ran = [t for t in (st or {}).get("trials", []) if t["number"] > 0 and t["state"] == "complete"
+               and "reused_from" not in t["metrics"]]
+        if st and len(ran) >= at_least and st["running"] + st["queued"] > 0:
+            return len(ran)
+        time.sleep(0.5)
     raise TimeoutError(f"{at_least} trials did not complete within {timeout:.0f} s")
 
 

@@ -37,18 +37,21 @@ def status(name: str, db: str, env: dict[str, str]) -> dict[str, Any]:
 
 
 def assert_exactly_once(name: str, db: str, env: dict[str, str], trials: int) -> dict[str, Any]:
-    """The job ended with exactly `trials` completed searched trials plus the baseline, each number once,
-    nothing left running, and the Optuna study agrees."""
+    """The job ended with exactly `trials` searched trials that ran, all complete, plus the baseline (and any
+    repeated parameter set answered from its twin's result), each number once, nothing left running, and the
+    Optuna study agrees."""
     st = status(name, db, env)
     numbers = [t["number"] for t in st["trials"]]
-    assert numbers == list(range(trials + 1)), numbers
+    assert numbers == list(range(len(numbers))), numbers
     assert all(t["state"] == "complete" for t in st["trials"]), [(t["number"], t["state"], t["failure_reason"])
                                                                   for t in st["trials"]]
-    assert st["status"] == "completed" and st["complete"] == trials and st["running"] == 0
+    ran = [t for t in st["trials"] if t["number"] > 0 and "reused_from" not in t["metrics"]]
+    assert len(ran) == trials, [(t["number"], t["metrics"].get("reused_from")) for t in st["trials"]]
+    assert st["status"] == "completed" and st["running"] == 0
     url = db
     study_name = next(s.study_name for s in optuna.get_all_study_summaries(url) if s.study_name.endswith(name))
     states = [t.state.name for t in optuna.load_study(study_name=study_name, storage=url).trials]
-    assert states == ["COMPLETE"] * (trials + 1), states
+    assert states == ["COMPLETE"] * len(numbers), states
     return st
 
 

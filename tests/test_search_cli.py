@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from _sampling import Points, seed_where
 from sqlmodel import Session
 
 from optagent.search.front import dominates
@@ -164,26 +163,23 @@ def test_check_names_missing_pieces(tmp_path: Path) -> None:
 
 
 def test_a_trial_that_kills_or_hangs_its_process_fails_alone(workdir: Path) -> None:
+    """crashy_model kills the process evaluating a smaller `Net` (dynamic int8, pruned) and hangs on any other
+    model class (static int8's FX graph, a bf16 wrapper). The warm start tries each precision alone first, so
+    the search meets both; each fails alone, with its reason, and the search completes."""
     shutil.copy(FIXTURES / "crashy_model.py", workdir / "crashy_model.py")
-
-    def wanted(points: Points) -> bool:
-        """A structurally pruned fp32 trial (killed) and exactly one whose model is no longer a `Net` (hangs):
-        static int8 (an FX graph) or bf16 (a cast wrapper); dynamic int8 keeps the Net and is killed."""
-        return (any(p["pruning"]["method"] == "structured" and p["quantization"]["mode"] == "none" for p in points)
-                and sum(p["quantization"]["mode"] in ("static_int8", "bf16") for p in points) == 1)
-
     # the limit is far above what a trial of this model needs (a few seconds), so a busy machine cannot make an
-    # ordinary trial hit it; only the hanging one does
-    seed = seed_where(["pruning", "quantization"], 4, wanted)
+    # ordinary trial hit it; only the hanging ones do
     proc = run("search", "crashy_model.py", "--trials", "4", "--workers", "2", "--strategies", "pruning,quantization",
-               "--sampler", "random", "--seed", str(seed), "--trial-timeout", "60", "--name", "crashy",
+               "--sampler", "random", "--seed", "1", "--trial-timeout", "60", "--name", "crashy",
                "--confirm-processes", "1", "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     trials = json.loads(proc.stdout)["trials"]
-    assert len(trials) == 5 and trials[0]["state"] == "complete"
+    ran = [t for t in trials if t["number"] > 0 and "reused_from" not in t["metrics"]]
+    assert len(ran) == 4 and trials[0]["state"] == "complete"
     reasons = [t["failure_reason"] for t in trials if t["state"] == "failed"]
     assert any("signal SIGKILL" in r for r in reasons), reasons
-    assert sum("time limit of 60 s" in r for r in reasons) == 1, reasons
+    assert any("time limit of 60 s" in r for r in reasons), reasons
+    assert all("signal SIGKILL" in r or "time limit of 60 s" in r for r in reasons), reasons
     assert all(t["state"] in ("complete", "failed") for t in trials)
 
 

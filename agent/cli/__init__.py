@@ -68,7 +68,7 @@ def _usage_error(exc: Exception) -> str:
                                                       "as a number", "not a number")
     ctx = getattr(exc, "ctx", None)
     command = ctx.command_path if ctx is not None else "optagent"
-    return f"error: {text.rstrip('.')}; see `{command} --help`"
+    return f"error: {text.rstrip('.')} (see `{command} --help`)"
 
 
 def _exit(code: int) -> None:

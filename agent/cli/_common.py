@@ -14,10 +14,10 @@ from rich.markup import escape
 DbOpt = Annotated[str | None, typer.Option("--db", envvar="OPTAGENT_DB", show_envvar=True,
                                            help="Database URL [default: sqlite:///optagent.db]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-JobArg = Annotated[str, typer.Argument(help="Job id or name (see `optagent jobs`).")]
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="Job id or name (see `optagent jobs`).")]
 ImportTimeoutOpt = Annotated[float, typer.Option(
-    "--import-timeout", help="Seconds the model file may take to import, and each of load_model, load_data, "
-    "example_input and evaluate on its first call (checked in a child process).")]
+    "--import-timeout", help="Seconds the model file may take to import when it is checked (in a child process "
+    "first); load_model, load_data, example_input and evaluate may take 10 times that on their first call.")]
 
 def _console(stderr: bool = False) -> Console:
     """Rich console; when output is piped, lines stay long rather than wrapping at 80 columns."""

@@ -417,10 +417,12 @@ class CeleryExecutor:
         return [self._report(number, meta)] if number is not None and meta is not None else []
 
     def _report(self, number: int, meta: dict[str, Any]) -> Outcome:
+        from optagent.executors.local import finite_metrics
+
         self._pending.pop(number)
         self._messages.pop(number, None)
         self._reported.add(number)
-        return Outcome(number, self._to_result(number, meta))
+        return Outcome(number, finite_metrics(self._to_result(number, meta)))
 
     @staticmethod
     def _to_result(number: int, meta: dict[str, Any]) -> dict[str, Any]:

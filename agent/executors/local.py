@@ -9,6 +9,7 @@ again; the forkserver never initialises CUDA.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
@@ -46,6 +47,20 @@ class _Running:
     deadline: float | None
     limit: float | None
     payload: dict[str, Any]
+
+
+def finite_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """A result whose non-finite metrics (an evaluate() that returned NaN for this trial's model) are left
+    out, with a note: a NaN cannot be compared, stored as JSON or told to Optuna, so the trial then fails
+    as missing that metric (if it is an objective) instead of failing the whole job."""
+    metrics = result.get("metrics")
+    if not isinstance(metrics, dict):
+        return result
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    if not bad:
+        return result
+    notes = [*result.get("notes", []), f"non-finite values for {', '.join(bad)} were left out"]
+    return {**result, "metrics": {k: v for k, v in metrics.items() if k not in bad}, "notes": notes}
 
 
 def _death_reason(exitcode: int | None) -> str:
@@ -118,7 +133,7 @@ class LocalExecutor:
                     r.process.join(timeout=5)
                 r.conn.close()
                 del self._running[number]
-                done.append(Outcome(number, result))
+                done.append(Outcome(number, finite_metrics(result)))
         return done
 
     def cancel(self) -> None:
