@@ -175,6 +175,20 @@ def _run(engine: Any, url: str, job_id: int, broker: str | None, registry: Any, 
     return report(str(job_id), url)
 
 
+def _free_default_name(engine: Any, cfg: JobConfig) -> str:
+    """`<model stem>-<stamp>` made a valid job name, `-2`, `-3`... when searches started in the same second."""
+    from optagent.job import default_name
+    from optagent.storage import Job
+
+    base = default_name(cfg.model_path, dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    name, taken = base, 1
+    with Session(engine) as s:
+        while s.exec(select(Job).where(Job.name == name)).first() is not None:
+            taken += 1
+            name = f"{base}-{taken}"
+    return name
+
+
 def _check_strategies(names: list[str], registry: Any) -> None:
     from optagent.job import did_you_mean
 
@@ -227,7 +241,7 @@ def search(model: str | os.PathLike[str], *, db: str | None = None, broker: str 
     cuda can work here."""
     from optagent import preflight
     from optagent.contract import sha256_bytes
-    from optagent.job import default_name, validate_name
+    from optagent.job import validate_name
     from optagent.registry import build_registry
     from optagent.search import create_job
     from optagent.storage import Job
@@ -261,8 +275,7 @@ def search(model: str | os.PathLike[str], *, db: str | None = None, broker: str 
         raise UserError("--device cuda: torch sees no usable CUDA device on this machine; use --device cpu (or "
                         "auto), or send the trials to GPU workers with --broker")
     digest = sha256_bytes(Path(model).read_bytes())
-    job = create_job(engine, cfg, name or default_name(cfg.model_path, dt.datetime.now().strftime("%Y%m%d-%H%M%S")),
-                     digest)
+    job = create_job(engine, cfg, name or _free_default_name(engine, cfg), digest)
     assert job.id is not None
     if on_event:
         on_event("job_created", {"job": {"id": job.id, "name": job.name}, "config": cfg.to_json(),

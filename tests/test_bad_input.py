@@ -75,6 +75,8 @@ CASES = [
          ("cannot reach the broker", ":***@"), never=(SECRET,)),
     Case("broker-remote-without-secret", search("good", "--broker", "redis://redis.example.invalid:6379/0"),
          ("OPTAGENT_SECRET", "--insecure")),
+    Case("broker-remote-insecure-still-checked", search("good", "--broker", "redis://192.0.2.1:6379/0", "--insecure"),
+         ("cannot reach the broker",)),
     Case("broker-bad-scheme", search("good", "--broker", f"amqp://u:{SECRET}@host//"),
          ("unsupported broker URL", "redis://"), never=(SECRET,)),
     Case("name-markup", search("good", "--name", "[bold red]fake[/]"), ("[bold red]fake[/]", "letters, digits")),
@@ -88,7 +90,7 @@ CASES = [
     Case("worker-remote-without-secret", ("worker", "--broker", "redis://redis.example.invalid:6379/0"),
          ("optagent worker", "OPTAGENT_SECRET", "--insecure")),
     Case("worker-insecure-still-checks-reachability",
-         ("worker", "--broker", "redis://127.0.0.2:1/0", "--insecure"), ("cannot reach the broker",)),
+         ("worker", "--broker", "redis://192.0.2.1:6379/0", "--insecure"), ("cannot reach the broker",)),
     Case("worker-bad-queue", ("worker", "--broker", "redis://127.0.0.1:1/0", "--queue", "a b"),
          ("queue names",)),
     # -- what the model file measures: known after one evaluation, before the job exists -----------------------
