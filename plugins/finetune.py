@@ -15,6 +15,7 @@ from optagent import inputs as ins
 from optagent.errors import TrialFailed
 from optagent.hookspecs import hookimpl
 from optagent.plugins._util import model_device, to_device, zero_masks
+from optagent.plugins.pruning import offered_methods
 from optagent.strategy import (
     Param,
     Params,
@@ -41,7 +42,6 @@ SCHEDULES = ("constant", "step", "cosine", "onecycle")
 LR_RANGES = {"sgd": (1e-3, 1e-1), "adam": (1e-5, 1e-2)}
 SGD_MOMENTUM = 0.9
 EPOCH_CHOICES = tuple(range(1, MAX_EPOCHS + 1))
-COMPRESSING = ("unstructured", "structured")  # pruning methods that change weights or structure
 
 
 def lr_factor(schedule: str, warmup: float, total_steps: int) -> Callable[[int], float]:
@@ -75,7 +75,8 @@ class FinetuneStrategy(Strategy):
         on = {"epochs": EPOCH_CHOICES}
         # fine-tuning a model nothing compressed only trains the baseline further (and at a high rate loses
         # accuracy): with pruning in the job it is searched only in trials that prune
-        when = {"pruning.method": list(COMPRESSING)} if "pruning" in ctx.searched else None
+        when = {"pruning.method": [m for m in offered_methods(ctx) if m != "none"]} if "pruning" in ctx.searched \
+            else None
         return [
             integer("epochs", 0, MAX_EPOCHS, when=when, help="passes over the train split; 0 = no fine-tuning"),
             categorical("optimizer", OPTIMIZERS, when=on, help="SGD (momentum 0.9) or Adam"),

@@ -39,6 +39,14 @@ if TYPE_CHECKING:
 METHODS = ("none", "unstructured", "structured")
 # unstructured sparsity saves no time on dense kernels: it is searched only when an objective rewards it
 SPARSITY_OBJECTIVES = frozenset({"nonzero_params", "sparsity"})
+
+
+def offered_methods(ctx: SpaceContext) -> list[str]:
+    """The pruning methods searched: unstructured only when an objective rewards sparsity."""
+    sparse = any(o.metric in SPARSITY_OBJECTIVES for o in ctx.objectives)
+    return [m for m in METHODS if m != "unstructured" or sparse]
+
+
 UNSTRUCTURED_NOTE = ("unstructured pruning only zeroes weights: dense kernels run no faster, so expect no "
                      "latency gain (use structured pruning for speed)")
 FFN_STEP, FFN_MAX = 0.125, 0.75  # fraction of FFN channels removed from every layer
@@ -231,7 +239,7 @@ class PruningStrategy(Strategy):
 
     def search_space(self, ctx: SpaceContext) -> list[Param]:
         sparse = any(o.metric in SPARSITY_OBJECTIVES for o in ctx.objectives)
-        methods = [m for m in METHODS if m != "unstructured" or sparse]
+        methods = offered_methods(ctx)
         method = categorical("method", methods, help="none, structured (channels removed) or, when an objective "
                                                      "rewards sparsity, unstructured (global L1, zeros)")
         transformer = ctx.model_info.get("transformer")
