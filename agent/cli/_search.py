@@ -69,6 +69,17 @@ def search(
         "--broker-retry-s", help="How long a lost broker is waited for before the job stops as interrupted "
         "(`optagent resume` continues it).")] = 120.0,
     insecure: InsecureOpt = False,
+    max_relative_drop: Annotated[float | None, typer.Option(
+        help="The allowed drop of --constraint-metric as a fraction of the baseline's value (0.02 = 2%); "
+             "replaces --max-accuracy-drop.")] = None,
+    pruner: Annotated[str, typer.Option(
+        help="Early stopping of recovery fine-tuning: constraint (stop what cannot meet the constraint), "
+             "median (worse than earlier trials) or none.")] = "constraint",
+    warm_start: Annotated[bool, typer.Option(
+        help="Try each runtime engine alone, then each precision on the fastest, before the sampler.")] = True,
+    reuse: Annotated[bool, typer.Option(
+        help="Answer a parameter set other jobs measured on the same model file and hardware from their "
+             "result.")] = False,
 ) -> None:
     """Search strategy compositions for MODEL and print the measured Pareto front."""
     from optagent import api
@@ -83,7 +94,8 @@ def search(
                             constraint_metric=constraint_metric, sampler=sampler, seed=seed, device=device,
                             trial_timeout_s=trial_timeout, queue=queue, confirm=confirm,
                             confirm_processes=confirm_processes, broker_retry_s=broker_retry_s,
-                            import_timeout_s=import_timeout, insecure=insecure)
+                            import_timeout_s=import_timeout, insecure=insecure, max_relative_drop=max_relative_drop,
+                            pruner=pruner, warm_start=warm_start, reuse=reuse)
     _finish(report, as_json)
 
 
