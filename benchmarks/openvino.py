@@ -107,8 +107,11 @@ def scenario(name: str, spec: dict[str, Any], args: argparse.Namespace, db: str)
 
     os.environ["OPTAGENT_EXAMPLE_BATCH"] = str(spec["batch"])
     started = time.perf_counter()
-    report = api.search(ROOT / "examples" / spec["model"], db=db, name=name, n_trials=args.trials,
-                        threads=args.threads, workers=args.workers, seed=args.seed, **spec["options"])
+    try:  # a search of the same scenario already in the database (benchmarks/transformers.py --db): reuse it
+        report = api.report(name, db)
+    except Exception:
+        report = api.search(ROOT / "examples" / spec["model"], db=db, name=name, n_trials=args.trials,
+                            threads=args.threads, workers=args.workers, seed=args.seed, **spec["options"])
     search_s = time.perf_counter() - started
     feasible = [t for t in report.trials if t.number > 0 and t.state == "complete" and t.feasible]
     best = max(feasible, key=lambda t: t.metrics.get("speedup", 0.0), default=None)
@@ -146,10 +149,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(SCENARIOS))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--db", help="database of earlier searches: a job named like the scenario is reused")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="optagent-openvino-"))
     os.environ.setdefault("OPTAGENT_CACHE_DIR", str(work / "cache"))
-    db = f"sqlite:///{work / 'openvino.db'}"
+    db = args.db or f"sqlite:///{work / 'openvino.db'}"
     results = {}
     for name in args.only.split(","):
         spec = SCENARIOS[name]

@@ -126,10 +126,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(SCENARIOS))
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--db", help="database to keep the searches in (benchmarks/openvino.py --db reuses them)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="optagent-transformers-"))
     os.environ.setdefault("OPTAGENT_CACHE_DIR", str(work / "cache"))
-    db = f"sqlite:///{work / 'transformers.db'}"
+    db = args.db or f"sqlite:///{work / 'transformers.db'}"
     results: dict[str, Any] = {}
     for name in args.only.split(","):
         spec = SCENARIOS[name]
