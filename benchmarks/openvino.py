@@ -110,8 +110,10 @@ def scenario(name: str, spec: dict[str, Any], args: argparse.Namespace, db: str)
     try:  # a search of the same scenario already in the database (benchmarks/transformers.py --db): reuse it
         report = api.report(name, db)
     except Exception:
-        report = api.search(ROOT / "examples" / spec["model"], db=db, name=name, n_trials=args.trials,
-                            threads=args.threads, workers=args.workers, seed=args.seed, **spec["options"])
+        from _search import cli_search
+
+        report, _ = cli_search(ROOT / "examples" / spec["model"], name, db, batch=spec["batch"], trials=args.trials,
+                               workers=args.workers, threads=args.threads, seed=args.seed, options=spec["options"])
     search_s = time.perf_counter() - started
     feasible = [t for t in report.trials if t.number > 0 and t.state == "complete" and t.feasible]
     best = max(feasible, key=lambda t: t.metrics.get("speedup", 0.0), default=None)

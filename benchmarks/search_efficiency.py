@@ -39,25 +39,28 @@ def run(name: str, seed: int, trials: int, args: argparse.Namespace, db: str, pl
     from optagent import api
     from optagent.search.front import hypervolume_history
 
-    finished: dict[int, float] = {}
     started = time.perf_counter()
-
-    def on_event(kind: str, data: dict[str, Any]) -> None:
-        if kind == "trial_finished":
-            finished[int(data["trial"]["number"])] = time.perf_counter() - started
-
     options: dict[str, Any] = {"sampler": "random", "warm_start": False, "pruner": "none", "dedup": False} \
         if plain else {}
-    report = api.search(MODEL, db=db, name=name, on_event=on_event, n_trials=trials, seed=seed,
-                        workers=args.workers, threads=args.threads, confirm=False, **options)
+    report = api.search(MODEL, db=db, name=name, n_trials=trials, seed=seed, workers=args.workers,
+                        threads=args.threads, confirm=False, **options)
     history = hypervolume_history(report.job, report.trials)
     numbers, volumes = (history[0], history[1]) if history else ([], [])
     final = volumes[-1] if volumes else 0.0
-    reach = next((finished.get(n, 0.0) for n, v in zip(numbers, volumes, strict=True) if v >= 0.95 * final),
+    # when each trial finished, from its row: the job's start to the trial's end
+    begun = _aware(report.job.started_at or report.job.created_at)
+    done = {t.number: (_aware(t.finished_at) - begun).total_seconds() for t in report.trials if t.finished_at}
+    reach = next((done.get(n, 0.0) for n, v in zip(numbers, volumes, strict=True) if v >= 0.95 * final),
                  None) if final > 0 else None
     return {"numbers": numbers, "volumes": volumes, "final": final, "time_to_95_s": reach,
             "wall_s": time.perf_counter() - started,
             "failed": sum(t.state == "failed" for t in report.trials if t.number > 0)}
+
+
+def _aware(when: Any) -> Any:
+    import datetime as dt
+
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
 def after(result: dict[str, Any], n: int) -> float:

@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +43,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 
 
 def run_search(name: str, spec: dict[str, Any], args: argparse.Namespace, db: str) -> Any:
-    from optagent import api
+    from _search import cli_search
 
-    os.environ["OPTAGENT_EXAMPLE_BATCH"] = str(spec["batch"])
-    lines: list[str] = []
-
-    def on_event(kind: str, data: dict[str, Any]) -> None:
-        if kind == "trial_finished":
-            t = data["trial"]
-            m = t["metrics"]
-            quality = m.get(spec["metric"], float("nan"))
-            lines.append(f"  trial {t['number']:>2} {t['state']:<8} {spec['metric']} {quality:.4f} "
-                         f"speedup {m.get('speedup', float('nan')):.2f}x {t['recipe'] or t['failure_reason']}")
-            print(lines[-1], flush=True)
-
-    started = time.perf_counter()
-    report = api.search(ROOT / "examples" / spec["model"], db=db, name=name, on_event=on_event,
-                        n_trials=args.trials, workers=args.workers, threads=args.threads, seed=args.seed,
-                        **spec["options"])
-    return report, time.perf_counter() - started
+    return cli_search(ROOT / "examples" / spec["model"], name, db, batch=spec["batch"], trials=args.trials,
+                      workers=args.workers, threads=args.threads, seed=args.seed, options=spec["options"])
 
 
 def summary(report: Any) -> dict[str, Any]:
@@ -88,6 +72,8 @@ def head_to_head(report: Any, spec: dict[str, Any], threads: int) -> dict[str, A
 
     from optagent.inputs import call
     from optagent.job import payload_for
+
+    os.environ["OPTAGENT_EXAMPLE_BATCH"] = str(spec["batch"])
     from optagent.plugins import _onnx
     from optagent.trial.measure import MeasureSettings, interleaved, speedup_band
     from optagent.trial.pipeline import build
