@@ -158,7 +158,9 @@ def test_a_worker_without_the_plugin_fails_the_trial_with_the_reason(distill_sea
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["state"] == "failed"
-    assert result["failure_reason"].startswith("strategy distill is not installed on worker host "), result
+    reason = result["failure_reason"]
+    assert reason.startswith("strategy 'distill' is not available on worker host "), result
+    assert "OPTAGENT_PLUGINS" in reason and "install the plugin there" in reason  # it says why, and the fix
 
 
 def test_the_example_plugin_passes_its_own_tests(distill_installed: None) -> None:

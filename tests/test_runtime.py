@@ -285,7 +285,8 @@ def test_a_short_search_stores_trials_of_each_runtime(tmp_path: Path) -> None:
     seed = _covering_seed()
     proc = subprocess.run([sys.executable, "-m", "optagent.cli", "search", "tiny_model.py", "--trials", "3",
                            "--strategies", "quantization,runtime", "--sampler", "random", "--seed", str(seed),
-                           "--threads", "1", "--name", "runtimes", "--confirm-processes", "1", "--json", "--db", f"sqlite:///{tmp_path}/o.db"],
+                           "--threads", "1", "--name", "runtimes", "--confirm-processes", "1", "--no-warm-start",
+                           "--json", "--db", f"sqlite:///{tmp_path}/o.db"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr
     trials = json.loads(proc.stdout)["trials"][1:]  # [0] is the baseline
