@@ -102,15 +102,17 @@ class LineProgress:
                     f"(self-speedup {fmt(m.get('speedup'), 3)}, the noise floor)")
         if kind == "trial_finished":
             t, c = data["trial"], data["counts"]
-            done = c["complete"] + c["failed"]
-            head = f"[{elapsed:6.0f}s] trial {t['number']:>3} ({done}/{c['budget'] or '∞'})"
+            m = t.get("metrics") or {}
+            ran = c["complete"] + c["failed"] - c.get("reused", 0)  # reused trials cost no budget
+            if "reused_from" in m:  # the sampler proposed a point already measured: one short line
+                return (f"[{elapsed:6.0f}s] trial {t['number']:>3} = trial {m['reused_from']:.0f} (same parameters; "
+                        "its result is reused, not run again)")
+            head = f"[{elapsed:6.0f}s] trial {t['number']:>3} ({ran}/{c['budget'] or '∞'})"
             if t["state"] != "complete":
                 return f"{head} {t['state']}: {t['failure_reason']}"
-            m = t["metrics"]
             flag = "front" if t["on_front"] else ("ok" if t["feasible"] else "infeasible")
             figures = " ".join(f"{n} {fmt(m.get(n))}" + (" ms" if n == "latency_ms" else "") for n in shown)
-            reused = f" (reused from trial {m['reused_from']:.0f})" if "reused_from" in m else ""
-            return f"{head} {figures} speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}{reused}"
+            return f"{head} {figures} speedup {fmt(m.get('speedup'), 3)}x [{flag}] {t['recipe']}"
         if kind == "warm_start":
             return f"[{elapsed:6.0f}s] warm start: " + "; ".join(data["design"])
         if kind == "option_dropped":
@@ -229,7 +231,7 @@ class LiveProgress(LineProgress):
     def eta_s(self, now: float | None = None) -> float | None:
         """Remaining seconds at the rate trials have finished so far (None before the first one)."""
         now = time.monotonic() if now is None else now
-        done = self.counts.get("complete", 0) + self.counts.get("failed", 0)
+        done = self.counts.get("complete", 0) + self.counts.get("failed", 0) - self.counts.get("reused", 0)
         if self.search_started is None:
             return None
         spent = now - self.search_started
@@ -252,7 +254,7 @@ class LiveProgress(LineProgress):
     def render(self, now: float | None = None) -> RenderableType:
         now = time.monotonic() if now is None else now
         c = self.counts
-        done = c.get("complete", 0) + c.get("failed", 0)
+        done = c.get("complete", 0) + c.get("failed", 0) - c.get("reused", 0)
         total = self.budget or max(done, 1)
         bar = ProgressBar(total=float(total), completed=float(min(done, total)), width=40)
         head = Table.grid(padding=(0, 1))
