@@ -27,11 +27,12 @@ from optagent.registry import Registry
 from optagent.search import baseline, recovery
 from optagent.search import front as fronts
 from optagent.search import study as glue
-from optagent.search.calibration import References, uncalibrated
+from optagent.search.calibration import References
 from optagent.search.confirmation import confirm_front
 from optagent.search.records import Records, job_dict, result_fields, trial_dict
+from optagent.search.reuse import Reuse
 from optagent.search.space import SearchSpace
-from optagent.search.steering import Dropped, Steering, params_key
+from optagent.search.steering import Dropped, Steering
 from optagent.search.telling import Teller
 from optagent.search.warmstart import WarmStart
 from optagent.search.warmstart import describe as describe_design
@@ -77,7 +78,7 @@ class Coordinator:
         self._skipped = 0  # trials sampled with a dropped option (told as failed, no row, not counted)
         self.steering = Steering(self.goal.signs)
         self.warm = WarmStart(self.space, enabled=False)  # set up with the space, after the baseline
-        self._elsewhere: dict[str, tuple[str, Trial]] = {}  # params key -> (job, row) measured by other jobs
+        self.reuse = Reuse(self.cfg, self.records, self.space, self.steering, self.references, self.goal)
         self.teller = Teller(self.study, self.goal, self.steering, self.records.engine)
         self._job_json = job_dict(job)
         self._last_beat = 0.0
@@ -155,12 +156,9 @@ class Coordinator:
             glue.add_known_trial(self.study, flat, dists, base.values, {"optagent_number": 0, "baseline": True})
         self._update_front(0, base.values)
         self.steering.record(0, self.space.off(), "complete", base.values)
-        if self.cfg.reuse:
-            fingerprint = (self.records.row(0) or Trial(job_id=0, number=0)).hardware
-            self._elsewhere = {params_key(self.space.full(row.params)): (job, row)
-                               for job, row in self.records.elsewhere(self.model.sha256, fingerprint)}
-            if self._elsewhere:
-                self._emit("reuse", trials=len(self._elsewhere))
+        known = self.reuse.load_elsewhere(self.model.sha256)
+        if known:
+            self._emit("reuse", trials=known)
         self.warm = WarmStart(self.space, self.cfg.warm_start)
         if self.cfg.warm_start and self.warm.queue:
             self._emit("warm_start", design=describe_design(self.space))
@@ -187,14 +185,9 @@ class Coordinator:
         if dropped is not None:
             self._skip(trial, dropped)
             return
-        twin = self.steering.seen(params) if self.cfg.dedup else None
-        if twin is not None:
-            self._reuse(trial, params, self.records.row(twin), f"same parameters as trial {twin}")
-            return
-        elsewhere = self._elsewhere.get(params_key(self.space.full(params)))
-        if elsewhere is not None:
-            self._reuse(trial, params, elsewhere[1], f"same parameters as trial {elsewhere[1].number} of job "
-                        f"{elsewhere[0]} (same model and hardware, --reuse)", foreign=True)
+        found = self.reuse.find(params)
+        if found is not None:
+            self._reuse(trial, params, found)
             return
         self._live[trial.number] = trial
         # sent first, recorded while the worker picks it up; a crash in between leaves a RUNNING Optuna trial
@@ -244,22 +237,9 @@ class Coordinator:
         self._skipped += 1
         self.teller.skip(trial, dropped)
 
-    def _reuse(self, trial: optuna.trial.Trial, params: dict[str, Any], source: Trial | None, why: str,
-               foreign: bool = False) -> None:
-        """A parameter set measured before: the new trial is answered from that result, not run. A result of
-        another job (`--reuse`) is put on this job's latency scale and judged by this job's objectives."""
-        if source is None:  # pragma: no cover - a measured trial always has its row
-            return
-        metrics, values, feasible = dict(source.metrics), source.values, source.feasible
-        if foreign and source.state == "complete":
-            metrics = self.references.calibrated(uncalibrated(metrics), source.worker)
-            values = self.goal.values(metrics)
-            feasible = self.goal.constraint(metrics) <= 0 if values is not None else None
-        metrics["reused_from"] = float(source.number)
-        row = Trial(job_id=self.job_id, number=trial.number, params=params, recipe=source.recipe, state=source.state,
-                    metrics=metrics, values=values, feasible=feasible, failure_reason=source.failure_reason,
-                    notes=[*source.notes, f"{why}: its result is reused, not measured again"], duration_s=0.0,
-                    hardware=source.hardware, worker=source.worker, finished_at=utcnow())
+    def _reuse(self, trial: optuna.trial.Trial, params: dict[str, Any], found: tuple[Trial, str, bool]) -> None:
+        """A parameter set measured before (optagent.search.reuse): answered from that result, not run."""
+        row = self.reuse.row(self.job_id, trial.number, params, *found)
         self.records.insert(row)
         self.teller.tell(trial, row)
         self._finished.add(trial.number)
