@@ -132,6 +132,7 @@ def exportable_trial(job: Job, trial: Trial | None, number: int) -> Trial:
 def recipe_of(job: Job, trial: Trial) -> dict[str, Any]:
     """The JSON that rebuilds a trial anywhere: everything `pipeline.build` reads, plus provenance."""
     from optagent.job import JobConfig, payload_for
+    from optagent.registry import recipe_plugins
 
     payload, cfg = payload_for(job, trial), JobConfig.of(job)
     return {
@@ -150,6 +151,9 @@ def recipe_of(job: Job, trial: Trial) -> dict[str, Any]:
                        "max_relative_drop": cfg.max_relative_drop},
         "model": {"path": job.model_path, "sha256": job.model_hash},
         "versions": versions(),
+        # each plugin behind the recipe's strategies (and every metric plugin), with its version: a plugin
+        # that changed its behaviour under another version can be told apart
+        "plugins": recipe_plugins(list(payload.strategies)),
         "hardware": {k: v for k, v in (trial.hardware or {}).items() if k != "model_info"},
         "recorded_metrics": trial.metrics,
     }
@@ -372,8 +376,8 @@ def validate_recipe(recipe: dict[str, Any], path: Path, default_batch: int = 1) 
     registry = build_registry(log_warnings=False)
     for name in [*params, *(recipe.get("strategies") or [])]:
         if name not in registry.strategies:
-            known = ", ".join(sorted(registry.strategies))
-            raise bad(f"strategy {name!r}", f"is not installed here (installed: {known})")
+            raise UserError(f"recipe {path}: {registry.why_missing(name, ' here')}; install the plugin the recipe "
+                            "names (its 'plugins' entry says which version)")
     try:
         objectives = tuple(Objective.parse(o) for o in recipe.get("objectives") or [])
     except (UserError, ValueError) as exc:
