@@ -71,6 +71,8 @@ def precision_trials(space: SearchSpace, engine: str) -> list[Params]:
         if "runtime" in off:
             params["runtime"] = {"engine": engine, **ENGINE_DEFAULTS.get(engine, {})}
         params["quantization"] = {"mode": mode}
+        if "mixed_precision" in off:  # the precision alone: every layer at it, none kept float
+            params["mixed_precision"] = {"keep_float": 0}
         out.append(params)
     return out
 
