@@ -176,17 +176,6 @@ def _same(want: Any, got: Any) -> bool:
         x.shape == y.shape and torch.allclose(x.float(), y.float(), atol=1e-5) for x, y in zip(a, b, strict=True))
 
 
-def _batch_dims(example: Any) -> Any:
-    import torch
-
-    batch = torch.export.Dim("batch")
-    if isinstance(example, dict):
-        return {k: {0: batch} for k in example}
-    if isinstance(example, tuple | list):
-        return tuple({0: batch} for _ in example)
-    return ({0: batch},)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:160] if text else ''}"
@@ -199,7 +188,7 @@ def _torch_export(model: Any, example: Any, target: Path, why: list[str]) -> boo
     if ins.batch_size(example) == 1:  # torch.export specializes a dimension of size 1: export from two rows
         example = ins.repeat_to(example, 2)
     args, kwargs = ins.as_args(example)
-    for spec in (_batch_dims(example), None):
+    for spec in (ins.batch_dims(example), None):
         try:
             program = torch.export.export(model, args, kwargs, dynamic_shapes=spec)
             torch.export.save(program, str(target))

@@ -154,6 +154,19 @@ def as_args(x: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (x,), {}
 
 
+def batch_dims(x: Inputs) -> Any:
+    """A symbolic batch dimension for every input, in the structure torch.export and the dynamo ONNX exporter
+    want (by argument: a dict for keyword inputs, a tuple for positional ones)."""
+    import torch
+
+    batch = torch.export.Dim("batch")
+    if isinstance(x, dict):
+        return {k: {0: batch} for k in x}
+    if isinstance(x, tuple | list):
+        return tuple({0: batch} for _ in x)
+    return ({0: batch},)
+
+
 def signature(x: Any) -> Any:
     """The form of a batch apart from its size: structure, dtypes and shapes without the first dimension."""
     if _is_tensor(x):

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
-import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import torch
 
 from optagent import inputs as ins
 from optagent.errors import TrialFailed
+from optagent.plugins._util import quiet
 
 
 def first_line(exc: BaseException) -> str:
@@ -43,23 +42,9 @@ def first_line(exc: BaseException) -> str:
     return one(exc) if root is exc else f"{one(exc)} -- caused by {one(root)}"
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> contextlib.AbstractContextManager[None]:
     """torchao prints load failures of its CUDA kernels on CPU-only builds; they are irrelevant here."""
-    import warnings
-
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch._dynamo", "torch._inductor", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    return quiet("torchao", "torch._dynamo", "torch._inductor", "torch.utils._pytree")
 
 
 def pt2e_available() -> bool:

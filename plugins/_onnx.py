@@ -9,9 +9,7 @@ fed in slices of that size.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -24,38 +22,15 @@ import torch
 from optagent import inputs as ins
 from optagent.errors import TrialFailed
 from optagent.plugins._compile import _under_dispatch_mode, chunked, first_line, one_batch
+from optagent.plugins._util import quiet
 
 LEVELS = ("basic", "extended", "all")
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporter reports progress on stdout and warns about torchvision ops it cannot register."""
-    import warnings
-
-    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript", "root")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:  # a failed TorchScript export also prints its whole IR graph on stderr before it raises
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def _dynamic_shapes(example: Any) -> Any:
-    """A symbolic batch dimension for every input, in the structure torch.export wants (by argument)."""
-    batch = torch.export.Dim("batch")
-    if isinstance(example, dict):
-        return {k: {0: batch} for k in example}
-    if isinstance(example, tuple | list):
-        return tuple({0: batch} for _ in example)
-    return ({0: batch},)
+def _quiet() -> contextlib.AbstractContextManager[None]:
+    """The exporter reports progress on stdout, warns about ops it cannot register, and a failed TorchScript
+    export prints its whole IR graph on stderr before it raises."""
+    return quiet("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript", "root")
 
 
 def _legacy_export(model: torch.nn.Module, example: Any, path: Path) -> None:
@@ -96,7 +71,7 @@ def export(model: torch.nn.Module, example: Any, path: Path) -> bool:
         path.unlink(missing_ok=True)
     args, kwargs = ins.as_args(example)
     for dynamic in (True, False):
-        shapes = _dynamic_shapes(example) if dynamic else None
+        shapes = ins.batch_dims(example) if dynamic else None
         try:
             with _quiet(), torch.no_grad():
                 torch.onnx.export(model, args, str(path), kwargs=kwargs or None, dynamo=True,

@@ -27,13 +27,10 @@ found by its weight shape in execution order instead.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import tempfile
 import time
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +41,15 @@ from optagent import inputs as ins
 from optagent.errors import TrialFailed
 from optagent.plugins._compile import _under_dispatch_mode, chunked, first_line, one_batch
 from optagent.plugins._openvino_layers import LAYER_TYPES, layer_nodes, quantized_layers
+from optagent.plugins._util import quiet
 
 SDPA = "ScaledDotProductAttention"
 SUBSET = 300  # NNCF's default calibration subset; more samples only cost time
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> contextlib.AbstractContextManager[None]:
     """The TorchScript tracer warns on every data-dependent branch; NNCF logs and draws progress bars."""
-    loggers = [logging.getLogger(n) for n in ("nncf", "openvino", "torch.jit", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    return quiet("nncf", "openvino", "torch.jit", "transformers")
 
 
 def version() -> str:

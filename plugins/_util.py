@@ -102,3 +102,26 @@ def quiet_torch_ao() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r".*must run observer before calling calculate_qparams",
                                 category=UserWarning)
         yield
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """Silence what a toolchain prints while it works: the named loggers below ERROR, warnings, and stdout
+    and stderr (exporters print progress and, on failure, whole graphs; NNCF draws progress bars). Its
+    exceptions still propagate: callers turn them into one-line trial failures."""
+    import io
+    import logging
+
+    found = [logging.getLogger(n) for n in loggers]
+    levels = [lg.level for lg in found]
+    for lg in found:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(found, levels, strict=True):
+            lg.setLevel(level)
+

@@ -42,12 +42,17 @@ def calibrate(metrics: Mapping[str, float], reference_ms: float | None = None) -
     factor = latency / measured
     out.update(latency_ms=latency, latency_measured_ms=measured, latency_reference_ms=reference,
                baseline_drift=base / reference - 1.0)
+    return _scaled(out, factor)
+
+
+def _scaled(metrics: dict[str, Any], factor: float) -> dict[str, Any]:
+    """The latency tails and per-sample latency times `factor`, throughput divided by it."""
     for key in ("latency_p90_ms", "latency_p99_ms", "latency_per_sample_ms"):
-        if key in out:
-            out[key] = out[key] * factor
-    if "throughput" in out:
-        out["throughput"] = out["throughput"] / factor
-    return out
+        if key in metrics:
+            metrics[key] = metrics[key] * factor
+    if "throughput" in metrics:
+        metrics["throughput"] = metrics["throughput"] / factor
+    return metrics
 
 
 def uncalibrated(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -55,13 +60,8 @@ def uncalibrated(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in metrics.items() if k not in ("latency_reference_ms", "baseline_drift")}
     measured, latency = out.pop("latency_measured_ms", None), out.get("latency_ms")
     if measured and latency:
-        factor = measured / latency
         out["latency_ms"] = measured
-        for key in ("latency_p90_ms", "latency_p99_ms", "latency_per_sample_ms"):
-            if key in out:
-                out[key] = out[key] * factor
-        if "throughput" in out:
-            out["throughput"] = out["throughput"] / factor
+        _scaled(out, measured / latency)
     return out
 
 
