@@ -21,8 +21,20 @@ FLAGS = {"objectives": "--objective", "constraint_metric": "--constraint-metric"
 
 def cli_search(model: Path, name: str, db: str, *, batch: int | None, trials: int, workers: int, threads: int,
                seed: int, options: dict[str, Any], extra: list[str] | None = None) -> tuple[Any, float]:
-    """The search's JobReport and its wall time; the CLI's progress lines go to this process's stderr."""
+    """The search's JobReport and its wall time; the CLI's progress lines go to this process's stderr.
+
+    A completed job of that name already in `db` (an earlier run of a benchmark with `--db`) is read back
+    instead of searched again; its wall time is then the one stored with it."""
     from optagent import api
+
+    try:
+        done = api.report(name, db)
+    except Exception:  # no such job (or no such database yet): search
+        done = None
+    if done is not None and done.job.status == "completed":
+        begun, ended = done.job.started_at or done.job.created_at, done.job.finished_at or done.job.started_at
+        print(f"{name}: reusing the completed job of that name in {db}", file=sys.stderr, flush=True)
+        return done, (ended - begun).total_seconds() if begun and ended else float("nan")
 
     args = [sys.executable, "-m", "optagent.cli", "search", str(model), "--db", db, "--name", name,
             "--trials", str(trials), "--workers", str(workers), "--threads", str(threads), "--seed", str(seed),

@@ -98,8 +98,8 @@ def openvino_default(baseline: Any, example: Any, threads: int) -> Any:
 
 def scenario(name: str, spec: dict[str, Any], args: argparse.Namespace, db: str) -> dict[str, Any]:
     import torch
+    from _search import cli_search
 
-    from optagent import api
     from optagent.inputs import call
     from optagent.job import payload_for
     from optagent.trial.measure import MeasureSettings, interleaved, speedup_band
@@ -107,13 +107,9 @@ def scenario(name: str, spec: dict[str, Any], args: argparse.Namespace, db: str)
 
     os.environ["OPTAGENT_EXAMPLE_BATCH"] = str(spec["batch"])
     started = time.perf_counter()
-    try:  # a search of the same scenario already in the database (benchmarks/transformers.py --db): reuse it
-        report = api.report(name, db)
-    except Exception:
-        from _search import cli_search
-
-        report, _ = cli_search(ROOT / "examples" / spec["model"], name, db, batch=spec["batch"], trials=args.trials,
-                               workers=args.workers, threads=args.threads, seed=args.seed, options=spec["options"])
+    # a completed search of the same scenario in --db (benchmarks/transformers.py --db) is reused
+    report, _ = cli_search(ROOT / "examples" / spec["model"], name, db, batch=spec["batch"], trials=args.trials,
+                           workers=args.workers, threads=args.threads, seed=args.seed, options=spec["options"])
     search_s = time.perf_counter() - started
     feasible = [t for t in report.trials if t.number > 0 and t.state == "complete" and t.feasible]
     best = max(feasible, key=lambda t: t.metrics.get("speedup", 0.0), default=None)

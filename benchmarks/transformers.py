@@ -28,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# this file is named like the transformers package, and Python puts its folder first on the import path: take
+# the folder off once its one helper is in, so the examples' `import transformers` finds the package
+from _search import cli_search  # noqa: E402
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 SCENARIOS: dict[str, dict[str, Any]] = {
     "encoder-b1": {"model": "minilm_embed.py", "batch": 1, "metric": "fidelity", "sign": 1.0,
                    "options": {"objectives": ["fidelity:max", "latency_ms:min"], "constraint_metric": "fidelity",
@@ -43,8 +48,6 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 
 
 def run_search(name: str, spec: dict[str, Any], args: argparse.Namespace, db: str) -> Any:
-    from _search import cli_search
-
     return cli_search(ROOT / "examples" / spec["model"], name, db, batch=spec["batch"], trials=args.trials,
                       workers=args.workers, threads=args.threads, seed=args.seed, options=spec["options"])
 
@@ -124,7 +127,8 @@ def main() -> None:
         report, wall = run_search(name, spec, args, db)
         results[name] = {**summary(report), "wall_s": wall, "head_to_head": head_to_head(report, spec, args.threads)}
         r = results[name]
-        print(f"{name}: {r['ran']} trials ran ({r['reused']} reused), {r['failed']} failed ({r['failed_share']:.0%}), "
+        print(f"{name}: {r['ran']} trials ran (and {r['reused']} repeated parameter sets were answered from them), "
+              f"{r['failed']} failed ({r['failed_share']:.0%}), "
               f"{r['pruned']} pruned, {wall / 60:.1f} min; best feasible: {r['best']}")
         for reason in r["failures"]:
             print(f"  failure: {reason}")

@@ -21,6 +21,10 @@ _state = {"debug": False}
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False) -> None:
     _state["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:  # commands that build models here (apply, profile, export) print what trial processes hide
+        from optagent.trial.entry import quiet_libraries
+
+        quiet_libraries()
 
 
 app.command()(_search.search)
