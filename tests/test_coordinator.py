@@ -312,6 +312,37 @@ def test_the_warm_start_tries_each_engine_then_each_precision_on_the_fastest(db:
     assert any(k == "warm_start" for k, _ in events)
 
 
+def test_the_warm_start_tries_the_precisions_on_every_engine_within_the_tie_of_the_fastest(
+        db: tuple[Any, str], tmp_path: Path, registry: Any) -> None:
+    from optagent.search.warmstart import precisions
+    from optagent.testing.fake import FAKE_CAPABILITIES, fake_metrics
+
+    def metrics(params: dict[str, Any]) -> dict[str, float]:  # fp32: ONNX Runtime 3x, compile 2.7x (a tie)
+        m = fake_metrics(params)
+        factor = {"onnxruntime": 3.0, "compile": 2.7}.get((params.get("runtime") or {}).get("engine"), 1.0)
+        m.update(speedup=m["speedup"] * factor, latency_ms=m["latency_ms"] / factor)
+        return m
+
+    software = {"torch": "2.13.0", "inductor": True, "cxx": "g++", "torchao": "0.1", "onnx": "1", "onnxruntime": "1",
+                "onnxscript": "1"}
+    FAKE_CAPABILITIES["extra"] = {"software": software}
+    try:
+        job_id = _job(db, tmp_path, n_trials=12, strategies=["quantization", "runtime"], warm_start=True)
+        executor = FakeExecutor(answer=fake_answer(metrics=metrics))
+        coordinator = Coordinator(db[0], db[1], job_id, registry, executor)
+        coordinator.run()
+        space = coordinator.space
+    finally:
+        FAKE_CAPABILITIES["extra"] = {}
+    sent = [p["params"] for n, p in executor.sent if n > 0]
+    ort, compiled = precisions(space, "onnxruntime"), precisions(space, "compile")
+    assert ort and compiled
+    phase2 = sent[2:2 + len(ort) + len(compiled)]
+    assert [p["runtime"]["engine"] for p in phase2] == ["onnxruntime"] * len(ort) + ["compile"] * len(compiled)
+    assert [p["quantization"]["mode"] for p in phase2] == ort + compiled
+    assert all(p["mixed_precision"]["keep_float"] == 0 for p in phase2 if "mixed_precision" in p)
+
+
 def test_with_reuse_a_second_job_on_the_same_model_and_hardware_answers_from_the_first(
         db: tuple[Any, str], tmp_path: Path, registry: Any) -> None:
     engine, url = db

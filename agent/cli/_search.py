@@ -76,7 +76,8 @@ def search(
         help="Early stopping of recovery fine-tuning: constraint (stop what cannot meet the constraint), "
              "median (worse than earlier trials) or none.")] = "constraint",
     warm_start: Annotated[bool, typer.Option(
-        help="Try each runtime engine alone, then each precision on the fastest, before the sampler.")] = True,
+        help="Try each runtime engine alone, then each precision on the fastest (and on engines within 20% of it), "
+             "before the sampler.")] = True,
     reuse: Annotated[bool, typer.Option(
         help="Answer a parameter set other jobs measured on the same model file and hardware from their "
              "result.")] = False,
