@@ -343,6 +343,33 @@ def test_the_warm_start_tries_the_precisions_on_every_engine_within_the_tie_of_t
     assert all(p["mixed_precision"]["keep_float"] == 0 for p in phase2 if "mixed_precision" in p)
 
 
+def test_the_warm_start_then_composes_the_best_point_with_pruning_and_recovery(db: tuple[Any, str], tmp_path: Path,
+                                                                              registry: Any) -> None:
+    from optagent.search.warmstart import pruning_points, recovery_point
+    from optagent.testing.fake import fake_metrics
+
+    def metrics(params: dict[str, Any]) -> dict[str, float]:  # static int8 is the fastest precision alone
+        m = fake_metrics(params)
+        factor = 4.0 if (params.get("quantization") or {}).get("mode") == "static_int8" else 1.0
+        m.update(speedup=m["speedup"] * factor, latency_ms=m["latency_ms"] / factor)
+        return m
+
+    job_id = _job(db, tmp_path, n_trials=10, strategies=["pruning", "finetune", "quantization"], warm_start=True)
+    executor = FakeExecutor(answer=fake_answer(metrics=metrics))
+    coordinator = Coordinator(db[0], db[1], job_id, registry, executor)
+    coordinator.run()
+    sent = [p["params"] for n, p in executor.sent if n > 0]
+    precisions = [p["quantization"]["mode"] for p in sent if p["pruning"] == {"method": "none"}]
+    assert "static_int8" in precisions
+    points, recovery = pruning_points(coordinator.space), recovery_point(coordinator.space)
+    assert [p["amount"] for p in points] == [0.25, 0.5]
+    assert recovery["epochs"] == 3 and recovery["optimizer"] == "adam" and recovery["schedule"] == "cosine"
+    composed = sent[len(precisions):len(precisions) + len(points)]
+    assert [p["pruning"] for p in composed] == points
+    assert all(p["quantization"]["mode"] == "static_int8" for p in composed)  # on top of the best point
+    assert all({k: p["finetune"][k] for k in recovery} == recovery for p in composed)
+
+
 def test_with_reuse_a_second_job_on_the_same_model_and_hardware_answers_from_the_first(
         db: tuple[Any, str], tmp_path: Path, registry: Any) -> None:
     engine, url = db

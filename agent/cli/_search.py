@@ -77,7 +77,7 @@ def search(
              "median (worse than earlier trials) or none.")] = "constraint",
     warm_start: Annotated[bool, typer.Option(
         help="Try each runtime engine alone, then each precision on the fastest (and on engines within 20% of it), "
-             "before the sampler.")] = True,
+             "then the best of those with structured pruning and recovery fine-tuning, before the sampler.")] = True,
     reuse: Annotated[bool, typer.Option(
         help="Answer a parameter set other jobs measured on the same model file and hardware from their "
              "result.")] = False,

@@ -236,12 +236,14 @@ class Coordinator:
     def _skip(self, trial: optuna.trial.Trial, dropped: Dropped) -> None:
         self._skipped += 1
         self.teller.skip(trial, dropped)
+        self.warm.told(trial.number, {}, None, None)  # a design point skipped: the design does not wait for it
 
     def _reuse(self, trial: optuna.trial.Trial, params: dict[str, Any], found: tuple[Trial, str, bool]) -> None:
         """A parameter set measured before (optagent.search.reuse): answered from that result, not run."""
         row = self.reuse.row(self.job_id, trial.number, params, *found)
         self.records.insert(row)
         self.teller.tell(trial, row)
+        self.warm.told(trial.number, params, row.metrics.get("speedup"), row.feasible)
         self._finished.add(trial.number)
         self._reused += 1
         self._failed += row.values is None
