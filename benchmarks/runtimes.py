@@ -117,6 +117,11 @@ def remeasure(db: str, names: dict[str, int], threads: int) -> dict[str, float]:
 
 
 def main() -> None:
+    from optagent.trial.pipeline import steady_allocator
+
+    # time like a trial process (glibc keeps large allocations on the heap): without it, eager fp32 at
+    # batch 64 timed 62 ms here against 48.5 ms in the search's trial processes, inflating ratios to eager
+    steady_allocator()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--workers", type=int, default=1, help="1 keeps trials from disturbing each other's timing")
