@@ -112,14 +112,32 @@ def _shapes(ov_model: Any, example: Any, dynamic: bool) -> dict[Any, Any]:
 
 
 def convert(model: torch.nn.Module, example: Any) -> Any:
-    """`openvino.convert_model` from the torch module, traced on the example input (its form and dtypes)."""
+    """`openvino.convert_model` from the torch module, traced on the example input (its form and dtypes).
+
+    OpenVINO reads a TorchScript trace first. When its frontend has no rule for an op of the trace (the
+    Llama mask code of transformers calls `aten::diff`), the model goes through `torch.export` instead,
+    which decomposes such composite ops into core ATen ops that OpenVINO's FX frontend reads."""
     import openvino as ov
 
+    args, kwargs = ins.as_args(example)
     try:
         with _quiet(), torch.no_grad():
             return ov.convert_model(model, example_input=example if not isinstance(example, list) else tuple(example))
     except Exception as exc:
-        raise TrialFailed(f"openvino.convert_model cannot convert the model: {first_line(exc)}") from exc
+        traced = exc
+    try:
+        with _quiet(), torch.no_grad():
+            return ov.convert_model(torch.export.export(model, args, kwargs))
+    except Exception as exc:
+        raise TrialFailed(f"openvino.convert_model cannot convert the model: {_conversion_reason(traced)} (and "
+                          f"through torch.export: {first_line(exc)})") from exc
+
+
+def _conversion_reason(exc: BaseException) -> str:
+    """The line of OpenVINO's conversion report that names the ops it has no rule for, else the first line."""
+    text = str(exc)
+    missing = next((ln.strip("- ").strip() for ln in text.splitlines() if "No conversion rule found" in ln), "")
+    return missing or first_line(exc)
 
 
 # -- NNCF ---------------------------------------------------------------------------------------------------
