@@ -152,7 +152,7 @@ def composed_trials(space: SearchSpace, best: Params) -> list[Params]:
     """Phase 3: the best design point with each pruning point and recovery fine-tuning."""
     if "pruning" not in space.off():
         return []
-    recovery = recovery_point(space) if "finetune" in space.off() else {}
+    recovery = recovery_point(space)
     out = []
     for pruning in pruning_points(space):
         params = copy.deepcopy(best)
@@ -171,9 +171,9 @@ def describe(space: SearchSpace) -> list[str]:
     if "quantization" in space.off():
         lines.append("then each precision alone on the fastest engine and on those within "
                      f"{1 - TIE:.0%} of it (of {', '.join(precisions(space, 'eager')) or 'none'} on eager PyTorch)")
-    if pruning_points(space):
-        lines.append("then the best of those with structured pruning ("
-                     + ", ".join(f"{_short(p)}" for p in pruning_points(space)) + ")"
+    points = pruning_points(space)
+    if points:
+        lines.append("then the best of those with structured pruning (" + ", ".join(_short(p) for p in points) + ")"
                      + (" and recovery fine-tuning" if recovery_point(space) else ""))
     return lines
 
