@@ -35,8 +35,10 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "note: chromium not installed; the report rendering test will skip (or fail under CI=true)"; }
 
+# two pytest processes, a test file each at a time (module fixtures stay in one process): much of the suite
+# waits on subprocesses, workers and brokers, so the second core does the other file's work meanwhile
 test: lint browser
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) demo.db

@@ -189,6 +189,10 @@ class JobConfig:
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
             raise UserError(f"--max-accuracy-drop is a fraction between 0 and 1 (got {self.max_accuracy_drop}); "
                             "0.01 means one percentage point")
+        budget = self.measure.get("max_time_s")
+        if budget is not None and not (isinstance(budget, int | float) and 0 < budget <= 600):
+            raise UserError(f"--measure-seconds must be more than 0 and at most 600 seconds (got {budget}); 4 is "
+                            "the default")
         if self.confirm_processes < 1:
             raise UserError(f"--confirm-processes must be at least 1 (got {self.confirm_processes})")
         if self.max_attempts < 1:

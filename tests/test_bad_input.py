@@ -57,6 +57,7 @@ SECRET = "hunter2-SECRET"
 CASES = [
     # -- options, URLs, names: refused before the model file even runs -----------------------------------------
     Case("trials-not-an-integer", search("good", "--trials", "x"), ("--trials", "not a whole number", "--help")),
+    Case("measure-seconds-zero", search("good", "--measure-seconds", "0"), ("--measure-seconds must be more than 0",)),
     Case("unknown-option", search("good", "--trails", "3"), ("No such option: --trails", "--trials")),
     Case("db-unknown-scheme", search("good", "--db", "bogus://x/y"), ("unknown scheme 'bogus'", "sqlite:///")),
     Case("db-malformed-with-password", search("good", "--db", f"postgresql+psycopg:/user:{SECRET}@host/db"),

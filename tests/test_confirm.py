@@ -74,6 +74,8 @@ def test_fresh_processes_add_the_process_to_process_spread_to_the_band() -> None
                         "3": {"params": {"pruning": {"method": "structured", "amount": 0.7}}, "seed": 3}},
                        processes=2)
     payload.update(exclusive_measure=True, parallel=2)  # as local workers: both at once, timing under the lock
+    # time long enough to tell the pruned model from the baseline on a busy machine (0.4 s tied them there)
+    payload["measure"] = {"warmup": 3, "min_time_s": 0.3, "max_time_s": 2.0}
     result = run_trial(payload)
     assert result["state"] == "complete", result.get("failure_reason")
     assert result["processes"] == 2 and len(result["samples"]) == 2

@@ -36,16 +36,21 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_job(workdir: Path) -> dict:
+    # the runtime engines have their own search test (test_runtime.py): without them the warm start does not
+    # spend this search's trials on torch.compile, whose compile alone takes most of a minute here
     proc = run("search", "tiny_model.py", "--trials", "6", "--workers", "2", "--seed", "0", "--name", "tiny",
-               "--json", cwd=workdir)
+               "--strategies", "pruning,finetune,quantization,mixed_precision,batch_size", "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
 def test_search_stores_every_trial_and_a_non_dominated_feasible_front(finished_job: dict, workdir: Path) -> None:
     trials = finished_job["trials"]
-    assert [t["number"] for t in trials] == list(range(7))  # baseline + 6
-    assert all(t["state"] == "complete" for t in trials)
+    assert [t["number"] for t in trials] == list(range(len(trials)))
+    # baseline + 6 that ran; a parameter set drawn again is answered from its stored result and costs no budget
+    assert len([t for t in trials if "reused_from" not in t["metrics"]]) == 7
+    # pruned: recovery fine-tuning stopped early because it could not meet the constraint (--pruner)
+    assert all(t["state"] in ("complete", "pruned") for t in trials) and trials[0]["state"] == "complete"
     baseline = trials[0]
     assert baseline["recipe"] == "baseline"
     # the baseline is measured like any trial: against itself its interleaved speedup is ~1
@@ -67,7 +72,9 @@ def test_search_stores_every_trial_and_a_non_dominated_feasible_front(finished_j
     for t in trials:  # every feasible trial not on the front is dominated by a front member
         if t["feasible"] and not t["on_front"]:
             assert any(dominates(f["values"], t["values"], signs) for f in front)
-    for t in trials:
+    measured = [t for t in trials if t["state"] == "complete"]  # a pruned trial stopped before its timing
+    assert len(measured) >= 4
+    for t in measured:
         for key in ("accuracy", "latency_ms", "latency_per_sample_ms", "throughput", "model_size_mb",
                     "peak_memory_mb", "baseline_latency_ms"):
             assert key in t["metrics"], key
@@ -75,7 +82,7 @@ def test_search_stores_every_trial_and_a_non_dominated_feasible_front(finished_j
     # every trial is on the job's one latency scale: the baseline trial's interleaved baseline latency over
     # the trial's paired speedup (two local workers on one host, one batch size: one reference)
     reference = baseline["metrics"]["baseline_latency_ms"]
-    for t in trials:
+    for t in measured:
         m = t["metrics"]
         assert m["latency_reference_ms"] == pytest.approx(reference)
         assert m["latency_ms"] == pytest.approx(reference / m["speedup"]) and m["latency_measured_ms"] > 0
@@ -90,16 +97,17 @@ def test_study_lives_in_the_same_database(finished_job: dict, workdir: Path) -> 
         job = find_job(s, "tiny")
         rows = job_trials(s, job.id)
     study = optuna.load_study(study_name=job.study_name, storage=f"sqlite:///{workdir / 'optagent.db'}")
-    assert len(study.trials) == len(rows) == 7
+    assert len(study.trials) == len(rows) == len(finished_job["trials"])
     assert study.metric_names == ["accuracy", "latency_ms"]
-    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
 
 
 def test_read_commands_have_json_and_tables(finished_job: dict, workdir: Path) -> None:
     jobs = json.loads(run("jobs", "--json", cwd=workdir).stdout)
-    assert any(j["name"] == "tiny" and j["status"] == "completed" and j["complete"] == 6 for j in jobs)
+    searched = len([t for t in finished_job["trials"] if t["state"] == "complete"]) - 1  # besides the baseline
+    assert any(j["name"] == "tiny" and j["status"] == "completed" and j["complete"] == searched for j in jobs)
     status = json.loads(run("status", "tiny", "--json", cwd=workdir).stdout)
-    assert status["complete"] == 6 and len(status["trials"]) == 7
+    assert status["complete"] == searched and len(status["trials"]) == len(finished_job["trials"])
     assert all(t["worker"]["host"] for t in status["trials"])
     pareto = json.loads(run("pareto", "tiny", "--json", cwd=workdir).stdout)
     assert {p["number"] for p in pareto["pareto"]} == {t["number"] for t in finished_job["trials"] if t["on_front"]}
@@ -114,7 +122,14 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(workdir: Path) -> No
                cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     trials = json.loads(proc.stdout)["trials"]
-    assert len(trials) == 7
+    # the budget counts trials that ran: a parameter set drawn again is answered from its stored result
+    ran = [t for t in trials if "reused_from" not in t["metrics"]]
+    assert len(ran) == 7, [t["params"] for t in trials]
+    by_number = {t["number"]: t for t in ran}
+    for t in trials:
+        if t not in ran:
+            source = by_number[int(t["metrics"]["reused_from"])]
+            assert source["recipe"] == t["recipe"] and source["state"] == t["state"]
     failed = [t for t in trials if t["state"] == "failed"]
     assert failed, "random sampling over 6 trials picks a quantization mode at least once with seed 3"
     assert all("only supports the original Net" in t["failure_reason"] for t in failed)
@@ -195,7 +210,7 @@ from optagent.storage import init_db
 url, model = sys.argv[1], os.path.abspath("tiny_model.py")
 engine = init_db(url)
 cfg = JobConfig(model_path=model, strategies=["pruning", "quantization"], n_trials=4, sampler="random", seed=5,
-                confirm=False)
+                confirm=False, measure={"max_time_s": 1.0})
 job = create_job(engine, cfg, "crash-unrecorded", hashlib.sha256(open(model, "rb").read()).hexdigest())
 coordinator = Coordinator(engine, url, job.id, build_registry(), LocalExecutor(workers=1))
 record = Records.dispatched

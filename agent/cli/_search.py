@@ -81,6 +81,10 @@ def search(
     reuse: Annotated[bool, typer.Option(
         help="Answer a parameter set other jobs measured on the same model file and hardware from their "
              "result.")] = False,
+    measure_seconds: Annotated[float | None, typer.Option(
+        "--measure-seconds", envvar="OPTAGENT_MEASURE_SECONDS", show_envvar=False,
+        help="Most seconds each model is timed per measurement (default 4; the timing stops sooner once its "
+             "spread is small): lower for a quick smoke search, higher on a noisy machine.")] = None,
 ) -> None:
     """Search strategy compositions for MODEL and print the measured Pareto front."""
     from optagent import api
@@ -96,8 +100,16 @@ def search(
                             trial_timeout_s=trial_timeout, queue=queue, confirm=confirm,
                             confirm_processes=confirm_processes, broker_retry_s=broker_retry_s,
                             import_timeout_s=import_timeout, insecure=insecure, max_relative_drop=max_relative_drop,
-                            pruner=pruner, warm_start=warm_start, reuse=reuse)
+                            pruner=pruner, warm_start=warm_start, reuse=reuse,
+                            measure=measure_budget(measure_seconds))
     _finish(report, as_json)
+
+
+def measure_budget(seconds: float | None) -> dict[str, float] | None:
+    """`--measure-seconds` as measurement settings (optagent.trial.measure.MeasureSettings); None = defaults."""
+    if seconds is None:
+        return None
+    return {"max_time_s": seconds, "min_time_s": min(0.5, seconds)}
 
 
 def resume(job_ident: JobArg, db: DbOpt = None, broker: BrokerOpt = None,
